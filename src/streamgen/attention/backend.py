@@ -1,0 +1,90 @@
+"""The attention-backend interface and the per-step metadata it reads.
+
+Paged KV layout (one pair of tensors per layer)::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    block_table[seq] = [7, 2, 9]      logical block i of the sequence lives in
+                                      physical block block_table[seq][i]
+    token at position p  ->  slot = block_table[seq][p // block_size] * block_size
+                                    + p % block_size
+
+A step's batch is flat: the new tokens of every sequence (a prefill chunk or
+one decode token) are concatenated. Sequence ``b`` owns query rows
+``query_start_loc[b]:query_start_loc[b+1]``; its context after this step is
+``seq_lens[b]`` tokens, so its first new token sits at position
+``seq_lens[b] - query_lens[b]`` (bottom-right causal alignment).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Per-step tensors shared by every layer. Built once by the runner."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token writes to
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int64, context length after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int64, padded with 0
+    # The same facts as plain ints, so backends can plan without host syncs.
+    query_lens_list: tuple[int, ...]
+    seq_lens_list: tuple[int, ...]
+    block_size: int
+    sliding_window: int | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+
+class AttentionBackend(ABC):
+    """Computes paged attention for one layer of one step.
+
+    Implementations must treat ``metadata`` as read-only and may cache
+    per-step plans keyed on it (``prepare`` is called once per step, before
+    the first layer).
+    """
+
+    name: str = "abstract"
+
+    def prepare(self, metadata: AttentionMetadata) -> None:  # noqa: B027 - optional hook
+        """Called once per step before the first layer; build shared plans here."""
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> None:
+        """Store the step's new K/V at their slots (reshape-and-cache)."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(
+            0, metadata.slot_mapping, key.to(k_cache.dtype)
+        )
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(
+            0, metadata.slot_mapping, value.to(v_cache.dtype)
+        )
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Attention of every new token over its sequence's cached context
+        (the new tokens' K/V are already written)."""

@@ -1,0 +1,59 @@
+"""Typed errors raised by streamgen.
+
+Users catch these classes, never a bare ``RuntimeError``:
+
+* :class:`RequestError` (a ``ValueError``): the request itself is wrong
+  (bad sampling parameters, empty or over-long prompt, bad token ids). It is
+  raised before anything is queued.
+* :class:`ModelLoadError`: a checkpoint cannot be loaded (unsupported
+  architecture, missing tensor, unreadable files).
+* :class:`CapacityError`: the engine cannot hold the request at all.
+* :class:`EngineDeadError`: the engine's core has stopped; open streams end
+  with it.
+"""
+
+from __future__ import annotations
+
+
+class StreamgenError(Exception):
+    """Base class of every error streamgen raises on purpose."""
+
+
+class RequestError(StreamgenError, ValueError):
+    """A request is invalid; raised before it is queued."""
+
+
+class InvalidSamplingParamsError(RequestError):
+    """A :class:`~streamgen.SamplingParams` field is out of range."""
+
+
+class InvalidPromptError(RequestError):
+    """The prompt is empty, too long, or holds token ids outside the vocabulary."""
+
+
+class ModelLoadError(StreamgenError):
+    """A model checkpoint could not be loaded."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint's architecture is not one streamgen implements."""
+
+
+class MissingTensorError(ModelLoadError):
+    """A tensor the architecture needs is absent from the checkpoint."""
+
+
+class ModelCacheError(ModelLoadError):
+    """The local model cache could not be built or verified."""
+
+
+class CapacityError(StreamgenError):
+    """The request can never fit in the engine (context or KV pool too small)."""
+
+
+class EngineDeadError(StreamgenError):
+    """The engine's core thread has died; the engine no longer serves requests."""
+
+
+class ConfigError(StreamgenError, ValueError):
+    """A configuration value (dtype, cache size, backend name...) is invalid."""

@@ -1,0 +1,147 @@
+"""The model's shape, read once from an HF config and frozen.
+
+``ModelSpec`` is the only description of the architecture the rest of
+streamgen sees; it never holds a reference to the transformers config object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streamgen.errors import UnsupportedModelError
+
+# model_type -> whether q/k/v projections carry a bias by default.
+SUPPORTED_MODEL_TYPES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": True}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeSpec:
+    """Rotary embedding parameters (HF ``rope_parameters`` / ``rope_scaling``)."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Architecture of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelSpec:
+        """Build a spec from a ``transformers.PretrainedConfig``.
+
+        Raises :class:`UnsupportedModelError` naming the architecture or the
+        feature (rope type, sliding window layout) streamgen does not implement.
+        """
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = getattr(config, "architectures", None)
+            raise UnsupportedModelError(
+                f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
+                f"streamgen supports {sorted(SUPPORTED_MODEL_TYPES)}"
+            )
+        num_heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        qkv_bias = bool(getattr(config, "attention_bias", SUPPORTED_MODEL_TYPES[model_type]))
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError(f"{model_type}: mlp_bias=True is not supported")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"{model_type}: hidden_act={act!r} (only 'silu')")
+        return cls(
+            model_type=model_type,
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(config.rms_norm_eps),
+            max_position_embeddings=int(config.max_position_embeddings),
+            rope=_rope_spec(config),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            sliding_window=_sliding_window(config, model_type),
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_ids=_as_id_tuple(getattr(config, "eos_token_id", None)),
+        )
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _rope_spec(config: Any) -> RopeSpec:
+    # transformers >= 5 keeps everything in `rope_parameters`; older versions
+    # use `rope_theta` plus an optional `rope_scaling` dict.
+    params: dict[str, Any] = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope_type={rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
+        )
+    return RopeSpec(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", config.max_position_embeddings)
+        ),
+    )
+
+
+def _sliding_window(config: Any, model_type: str) -> int | None:
+    if model_type == "qwen2":
+        if getattr(config, "use_sliding_window", False):
+            raise UnsupportedModelError("qwen2 with use_sliding_window=True is not supported")
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None

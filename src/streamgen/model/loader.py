@@ -1,0 +1,160 @@
+"""Load a Llama-family HF checkpoint directory into streamgen's own model.
+
+Config and tokenizer come from transformers (``AutoConfig``,
+``AutoTokenizer``, so chat templates work as users expect); weights come from
+safetensors and are fused into streamgen's layout (``qkv_proj``,
+``gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamgen.errors import ConfigError, ModelLoadError
+from streamgen.model.config import ModelSpec
+from streamgen.model.llama import LlamaModel
+from streamgen.model.rope import rope_inv_freq
+from streamgen.model.weights import CheckpointTensors
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or the torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ConfigError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model ready to run: its spec, weights and tokenizer."""
+
+    path: Path
+    spec: ModelSpec
+    model: LlamaModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    load_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a checkpoint directory (``None``: the default SmolLM2-135M-Instruct).
+
+    >>> loaded = load_model(dtype="bfloat16")  # doctest: +SKIP
+    >>> loaded.spec.num_layers
+    30
+    """
+    torch_dtype = resolve_dtype(dtype)
+    checkpoint_dir = _resolve_path(path)
+    hf_config = _load_hf_config(checkpoint_dir)
+    spec = ModelSpec.from_hf_config(hf_config)
+    model = _build_model(spec, checkpoint_dir, torch_dtype, torch.device(device))
+    tokenizer = _load_tokenizer(checkpoint_dir) if load_tokenizer else None
+    return LoadedModel(checkpoint_dir, spec, model, tokenizer, torch_dtype)
+
+
+def _resolve_path(path: str | Path | None) -> Path:
+    if path is None:
+        from streamgen.models import default_model_path
+
+        return default_model_path()
+    checkpoint_dir = Path(path).expanduser()
+    if not (checkpoint_dir / "config.json").is_file():
+        raise ModelLoadError(f"{checkpoint_dir} is not a checkpoint directory (no config.json)")
+    return checkpoint_dir
+
+
+def _load_hf_config(checkpoint_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"cannot read config of {checkpoint_dir}: {exc}") from exc
+
+
+def _load_tokenizer(checkpoint_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer of {checkpoint_dir}: {exc}") from exc
+
+
+def _build_model(
+    spec: ModelSpec, checkpoint_dir: Path, dtype: torch.dtype, device: torch.device
+) -> LlamaModel:
+    with torch.device("meta"):
+        model = LlamaModel(spec)
+    with CheckpointTensors.open(checkpoint_dir) as tensors:
+        state = _fused_state_dict(spec, tensors, dtype, device)
+    model.load_state_dict(state, strict=False, assign=True)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
+    unloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if unloaded:
+        raise ModelLoadError(f"parameters left without weights: {unloaded[:5]}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _fused_state_dict(
+    spec: ModelSpec, tensors: CheckpointTensors, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        return tensors.get(name).to(device=device, dtype=dtype)
+
+    state = {
+        "embed_tokens.weight": get("model.embed_tokens.weight"),
+        "norm.weight": get("model.norm.weight"),
+    }
+    if not spec.tie_word_embeddings:
+        state["lm_head.weight"] = get("lm_head.weight")
+    for i in range(spec.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        state[dst + "self_attn.qkv_proj.weight"] = torch.cat(
+            [get(attn + f"{p}_proj.weight") for p in "qkv"]
+        )
+        if spec.qkv_bias:
+            state[dst + "self_attn.qkv_proj.bias"] = torch.cat(
+                [get(attn + f"{p}_proj.bias") for p in "qkv"]
+            )
+        state[dst + "self_attn.o_proj.weight"] = get(attn + "o_proj.weight")
+        state[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+            [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
+        )
+        state[dst + "mlp.down_proj.weight"] = get(src + "mlp.down_proj.weight")
+        state[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
+        state[dst + "post_attention_layernorm.weight"] = get(
+            src + "post_attention_layernorm.weight"
+        )
+    return state

@@ -1,0 +1,61 @@
+"""What crosses the scheduler/runner line: plain data, no tensors.
+
+The scheduler decides, for each request in a step, which new tokens run and
+where their K/V live; the runner turns that into tensors. A request catching
+up on its prompt (prefill, possibly in chunks) and a request decoding one
+token look the same here: ``token_ids`` are the tokens not yet in the cache,
+``start_pos`` is how many tokens already are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from streamgen.runner.sampler import SamplingRequest
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceChunk:
+    """One request's share of a step.
+
+    ``block_table`` must cover positions ``0 .. start_pos + len(token_ids) - 1``.
+    ``sampling`` is None for a prefill chunk that does not reach the end of
+    the prompt (nothing to sample yet).
+    """
+
+    request_id: str
+    token_ids: Sequence[int]
+    start_pos: int
+    block_table: Sequence[int]
+    sampling: SamplingRequest | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end_pos(self) -> int:
+        """Context length after this step."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBatch:
+    """All the work of one step."""
+
+    chunks: Sequence[SequenceChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    """Sampled tokens, one entry per chunk that asked to sample, in batch order."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] | None = None

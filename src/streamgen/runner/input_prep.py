@@ -1,0 +1,82 @@
+"""Turn a plain :class:`ModelBatch` into the step's tensors.
+
+All index arithmetic happens here, once per step, on host lists; the model
+and attention backends only see tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamgen.attention.backend import AttentionMetadata
+from streamgen.errors import InvalidPromptError
+from streamgen.runner.batch import ModelBatch
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [num_sampled] int64, last token row of each sampling chunk
+    sample_chunk_indices: tuple[int, ...]  # which chunks sample, in batch order
+
+
+def prepare_inputs(
+    batch: ModelBatch,
+    block_size: int,
+    num_blocks: int,
+    device: torch.device,
+    sliding_window: int | None = None,
+) -> StepInputs:
+    """Flatten the batch; validate that every block table covers its tokens."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    sample_rows: list[int] = []
+    sample_chunks: list[int] = []
+    max_blocks = max((len(c.block_table) for c in batch.chunks), default=1)
+    block_tables: list[list[int]] = []
+    for index, chunk in enumerate(batch.chunks):
+        table = list(chunk.block_table)
+        needed = -(-chunk.end_pos // block_size)
+        if chunk.num_tokens == 0 or len(table) < needed:
+            raise InvalidPromptError(
+                f"request {chunk.request_id!r}: {chunk.num_tokens} tokens at position "
+                f"{chunk.start_pos} need {needed} blocks, block table has {len(table)}"
+            )
+        if any(b < 0 or b >= num_blocks for b in table):
+            raise InvalidPromptError(f"request {chunk.request_id!r}: block id out of range")
+        input_ids.extend(chunk.token_ids)
+        for pos in range(chunk.start_pos, chunk.end_pos):
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        query_start_loc.append(len(input_ids))
+        block_tables.append(table + [0] * (max_blocks - len(table)))
+        if chunk.sampling is not None:
+            sample_rows.append(len(input_ids) - 1)
+            sample_chunks.append(index)
+
+    def as_tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    metadata = AttentionMetadata(
+        slot_mapping=as_tensor(slots),
+        query_start_loc=as_tensor(query_start_loc),
+        seq_lens=as_tensor([c.end_pos for c in batch.chunks]),
+        block_tables=as_tensor(block_tables),
+        query_lens_list=tuple(c.num_tokens for c in batch.chunks),
+        seq_lens_list=tuple(c.end_pos for c in batch.chunks),
+        block_size=block_size,
+        sliding_window=sliding_window,
+    )
+    return StepInputs(
+        input_ids=as_tensor(input_ids),
+        positions=as_tensor(positions),
+        metadata=metadata,
+        sample_rows=as_tensor(sample_rows),
+        sample_chunk_indices=tuple(sample_chunks),
+    )

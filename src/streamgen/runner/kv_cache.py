@@ -1,0 +1,71 @@
+"""Per-layer paged K/V tensors.
+
+Layout per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``; a
+token's slot is ``block * block_size + offset``. Which blocks belong to whom
+is bookkeeping in ``streamgen.kv`` (pure Python); this module only owns the
+memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamgen.errors import ConfigError
+from streamgen.model.config import ModelSpec
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheConfig:
+    """Size of the paged KV cache: ``num_blocks`` wins over ``memory_bytes``."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_blocks: int | None = None
+    memory_bytes: int = 1 << 30
+    dtype: torch.dtype | None = None  # None: the model's dtype
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.memory_bytes < 1:
+            raise ConfigError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
+
+
+def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    """K and V bytes of one block over all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+
+class PagedKVCache:
+    """The KV memory of one model: a (k, v) pair of tensors per layer."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: KVCacheConfig,
+        model_dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.dtype = config.dtype or model_dtype
+        self.block_size = config.block_size
+        self.num_blocks = config.num_blocks or max(
+            1, config.memory_bytes // bytes_per_block(spec, config.block_size, self.dtype)
+        )
+        shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=device),
+                torch.zeros(shape, dtype=self.dtype, device=device),
+            )
+            for _ in range(spec.num_layers)
+        ]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
