@@ -84,11 +84,14 @@ def test_mixed_batch_matches_single_sequence_runs(tmp_path: Path) -> None:
     prompts = [torch.randint(3, 200, (n,), generator=gen).tolist() for n in (5, 16, 17, 40)]
     # Interleave allocations so each sequence's blocks are scattered in memory.
     tables: list[list[int]] = [[] for _ in prompts]
+    num_allocated = 0
     for round_ in range(4):
         for i, p in enumerate(prompts):
             if round_ < -(-(len(p) + 2) // BLOCK_SIZE):
-                tables[i].append(len(sum(tables, [])) * 7 % 64)
-    assert len(set(sum(tables, []))) == len(sum(tables, []))
+                tables[i].append(num_allocated * 7 % 64)
+                num_allocated += 1
+    all_blocks = [b for t in tables for b in t]
+    assert len(set(all_blocks)) == len(all_blocks) == num_allocated
 
     # Step 1: seq 0 and 1 prefill fully, seq 2 prefills its first 9 tokens, seq 3 its first 33.
     step1 = [

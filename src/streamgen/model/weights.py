@@ -37,7 +37,8 @@ class CheckpointTensors:
                     files[name] = handle
         except Exception as exc:
             stack.close()
-            raise ModelLoadError(f"cannot read safetensors file in {checkpoint_dir}: {exc}") from exc
+            msg = f"cannot read safetensors file in {checkpoint_dir}: {exc}"
+            raise ModelLoadError(msg) from exc
         return cls(files, stack)
 
     def __enter__(self) -> CheckpointTensors:

@@ -1,4 +1,4 @@
-"""What crosses the scheduler/runner line: plain data, no tensors.
+"""What crosses the scheduler/runner line: plain data, no tensors (no torch import).
 
 The scheduler decides, for each request in a step, which new tokens run and
 where their K/V live; the runner turns that into tensors. A request catching
@@ -12,7 +12,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamgen.runner.sampler import SamplingRequest
+from streamgen.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRequest:
+    """What the sampler needs to know about the request behind one logits row.
+
+    Attributes:
+        params: The request's sampling parameters.
+        prompt_token_ids: The prompt (the repetition penalty looks at it).
+        output_token_ids: Tokens generated before this step.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
 
 
 @dataclass(frozen=True, slots=True)

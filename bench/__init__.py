@@ -1,0 +1,1 @@
+"""streamgen benchmarks: every number is a ratio against a peer measured in the same run."""

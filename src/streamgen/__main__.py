@@ -1,0 +1,3 @@
+from streamgen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Command line: `python -m streamgen demo [question]` and `python -m streamgen fetch`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_QUESTION = "Explain in three sentences why the sky is blue."
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamgen.model import load_model
+    from streamgen.offline import OfflineGenerator
+    from streamgen.sampling_params import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype)
+    messages = [{"role": "user", "content": args.question}]
+    prompt_ids = loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    generator = OfflineGenerator(loaded)
+    print(f"> {args.question}\n", flush=True)
+    output_ids: list[int] = []
+    printed = ""
+    start = time.perf_counter()
+    for token_id in generator.stream(prompt_ids, params):
+        output_ids.append(token_id)
+        text = loaded.tokenizer.decode(output_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    elapsed = time.perf_counter() - start
+    rate = len(output_ids) / elapsed
+    print(f"\n\n[{len(output_ids)} tokens in {elapsed:.2f}s, {rate:.1f} tok/s]")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from streamgen.models import default_model_path
+
+    print(default_model_path(progress=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamgen")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="stream an answer from a model (default: SmolLM2-135M)")
+    demo.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
+    demo.add_argument("--model", default=None, help="HF checkpoint dir (default model if omitted)")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    demo.add_argument("--max-tokens", type=int, default=200)
+    demo.add_argument("--temperature", type=float, default=0.0)
+    demo.add_argument("--threads", type=int, default=2)
+    demo.set_defaults(func=_demo)
+    fetch = sub.add_parser("fetch", help="download and convert the default model into the cache")
+    fetch.set_defaults(func=_fetch)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

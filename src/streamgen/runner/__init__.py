@@ -1,0 +1,1 @@
+"""Model execution: everything that touches tensors for a batch (inputs, forward, sampling)."""
