@@ -30,6 +30,8 @@ class _GroupPlan:
     output_rows: torch.Tensor  # [group_tokens] flat rows the valid outputs go to
     block_tables: torch.Tensor  # [group_seqs, num_blocks] physical blocks to gather
     mask: torch.Tensor  # [group_seqs, 1, max_q, num_blocks * block_size] bool
+    # The group is the whole batch, unpadded and in order: no gather/scatter of rows.
+    covers_batch: bool
 
 
 class TorchReferenceBackend(AttentionBackend):
@@ -55,6 +57,8 @@ class TorchReferenceBackend(AttentionBackend):
     ) -> torch.Tensor:
         if self._plan_for is not metadata:
             self.prepare(metadata)
+        if len(self._plans) == 1 and self._plans[0].covers_batch:
+            return _attend_group(query, k_cache, v_cache, self._plans[0], scale)
         output = torch.empty_like(query)
         for plan in self._plans:
             output[plan.output_rows] = _attend_group(query, k_cache, v_cache, plan, scale)
@@ -71,7 +75,10 @@ def _attend_group(
     num_seqs, num_blocks = plan.block_tables.shape
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     ctx = num_blocks * block_size
-    q = query[plan.query_index].transpose(1, 2)  # [seqs, heads, max_q, head_dim]
+    if plan.covers_batch:
+        q = query.view(num_seqs, -1, *query.shape[1:]).transpose(1, 2)
+    else:
+        q = query[plan.query_index].transpose(1, 2)  # [seqs, heads, max_q, head_dim]
     k = k_cache[plan.block_tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache[plan.block_tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
     if k.dtype != q.dtype:
@@ -79,6 +86,8 @@ def _attend_group(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1]
     )  # [seqs, heads, max_q, head_dim]
+    if plan.covers_batch:
+        return out.transpose(1, 2).reshape(query.shape)
     return out.transpose(1, 2)[plan.valid]
 
 
@@ -111,10 +120,12 @@ def _make_plan(metadata: AttentionMetadata, seqs: list[int]) -> _GroupPlan:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - metadata.sliding_window
 
     seq_index = torch.tensor(seqs, dtype=torch.int64, device=device)
+    covers_batch = seqs == list(range(metadata.num_seqs)) and bool(valid.all())
     return _GroupPlan(
         query_index=query_index.to(device),
         valid=valid.to(device),
         output_rows=output_rows.to(device),
         block_tables=metadata.block_tables[seq_index, :num_blocks],
         mask=mask[:, None].to(device),
+        covers_batch=covers_batch,
     )

@@ -19,6 +19,7 @@ from torch import nn
 
 from streamgen.attention.backend import AttentionBackend, AttentionMetadata
 from streamgen.model.config import ModelSpec
+from streamgen.model.linear import Linear
 from streamgen.model.rope import apply_rope, rope_inv_freq
 
 
@@ -29,18 +30,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in float32, round, then scale: what the reference models do.
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
+        self.o_proj = Linear(spec.q_size, spec.hidden_size)
         self.scale = spec.head_dim**-0.5
 
     def forward(
@@ -54,13 +54,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         spec = self.spec
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        q = apply_rope(q.view(num_tokens, spec.num_heads, spec.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, spec.num_kv_heads, spec.head_dim), cos, sin)
-        v = v.view(num_tokens, spec.num_kv_heads, spec.head_dim)
+        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
+        # Rotate q and k in one go: [num_tokens, num_heads + num_kv_heads, head_dim].
+        qk_size = spec.q_size + spec.kv_size
+        qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, spec.head_dim), cos, sin)
+        q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
+        v = qkv[:, qk_size:].view(num_tokens, spec.num_kv_heads, spec.head_dim)
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, metadata)
-        out = backend.attend(q.to(x.dtype), k_cache, v_cache, metadata, self.scale)
+        out = backend.attend(q, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, spec.q_size))
 
 
@@ -68,8 +70,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.intermediate_size = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -106,7 +108,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
         self.register_buffer(
             "inv_freq", rope_inv_freq(spec.rope, spec.head_dim), persistent=False
         )

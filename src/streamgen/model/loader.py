@@ -16,6 +16,7 @@ import torch
 
 from streamgen.errors import ConfigError, ModelLoadError
 from streamgen.model.config import ModelSpec
+from streamgen.model.linear import Linear, column_splits, upcast_min_rows
 from streamgen.model.llama import LlamaModel
 from streamgen.model.rope import rope_inv_freq
 from streamgen.model.weights import CheckpointTensors
@@ -114,13 +115,16 @@ def _build_model(
         model = LlamaModel(spec)
     with CheckpointTensors.open(checkpoint_dir) as tensors:
         state = _fused_state_dict(spec, tensors, dtype, device)
-    model.load_state_dict(state, strict=False, assign=True)
     if spec.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    threads = torch.get_num_threads()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            out_features, in_features = module.weight.shape
+            splits = column_splits(out_features, in_features, dtype, device, threads)
+            module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
     model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
-    unloaded = [name for name, p in model.named_parameters() if p.is_meta]
-    if unloaded:
-        raise ModelLoadError(f"parameters left without weights: {unloaded[:5]}")
     model.eval()
     model.requires_grad_(False)
     return model
