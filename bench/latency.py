@@ -111,5 +111,15 @@ def run(args: argparse.Namespace) -> None:
             f"{r['dtype']:<10}{r['streamgen_tok_s']:>17.1f}{r['streamgen_ttft_s'] * 1e3:>9.0f}"
             f"{r['hf_generate_tok_s']:>10.1f}{r['ratio']:>7.2f}"
         )
-    path = save_record("latency", {"threads": args.threads, "repeats": args.repeats, "rows": rows})
+    command = "python -m bench latency " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k != "scenario" and v is not None
+    )
+    path = save_record(
+        "latency",
+        {"command": command, "threads": args.threads, "repeats": args.repeats, "rows": rows},
+    )
     print(f"record: {path}")
+    from bench.report import main as write_report
+
+    write_report()

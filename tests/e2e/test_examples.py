@@ -1,0 +1,31 @@
+"""Every example runs and prints a real answer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_offline_generate_example(default_model_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "offline_generate.py")],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "Paris" in result.stdout
+
+
+def test_cli_demo_streams_an_answer(default_model_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamgen", "demo", "What is the capital of France?",
+         "--max-tokens", "24"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "Paris" in result.stdout
+    assert "tok/s" in result.stdout
