@@ -1,19 +1,18 @@
 """Batch-1 decode latency: ~100-token prompt, 128 new tokens, streamgen vs HF `generate`.
 
 Both systems run the same weights, dtype, thread count, prompt and greedy
-decoding with EOS ignored (equal work). Systems alternate within each
-repetition; the table shows medians and streamgen's ratio to HF.
+decoding with EOS ignored (equal work), each in its own worker process
+(bench/worker.py). Systems alternate within each repetition; the table shows
+medians and streamgen's ratio to HF.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
-import torch
-
 from bench.common import median, save_record
+from bench.worker import WorkerProcess
 
 PROMPT = (
     "You are reviewing a short technical design. The service stores user sessions in a "
@@ -40,70 +39,44 @@ def _prompt_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _time_streamgen(generator: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    from streamgen import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    first = 0.0
-    count = 0
-    for _ in generator.stream(prompt, params):
-        count += 1
-        if count == 1:
-            first = time.perf_counter() - start
-    total = time.perf_counter() - start
-    assert count == new_tokens
-    return new_tokens / total, first
-
-
-def _time_hf(model: Any, prompt: list[int], new_tokens: int) -> float:
-    ids = torch.tensor([prompt])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-        )
-    total = time.perf_counter() - start
-    assert out.shape[1] - ids.shape[1] == new_tokens
-    return new_tokens / total
-
-
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
-    from streamgen import OfflineGenerator, load_model
-    from streamgen.model.loader import resolve_dtype
+    from streamgen.models import default_model_path
 
-    torch.set_num_threads(args.threads)
+    model_dir = args.model or str(default_model_path())
+    prompt = _prompt_ids(AutoTokenizer.from_pretrained(model_dir))
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        dtype = resolve_dtype(dtype_name)
-        loaded = load_model(args.model, dtype=dtype)
-        generator = OfflineGenerator(loaded)
-        hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype).eval()
-        prompt = _prompt_ids(loaded.tokenizer)
-        _time_streamgen(generator, prompt, 8)  # warm-up both
-        _time_hf(hf, prompt, 8)
-        ours, ttfts, theirs = [], [], []
+    for dtype in args.dtypes.split(","):
+        workers = [
+            WorkerProcess(system, dtype, args.threads, args.model) for system in ("streamgen", "hf")
+        ]
+        for worker in workers:
+            worker.run(prompt, 8)  # warm-up
+        results: dict[str, list[dict]] = {"streamgen": [], "hf": []}
         for rep in range(args.repeats):
-            print(f"  {dtype_name} repetition {rep + 1}/{args.repeats}", flush=True)
-            tps, ttft = _time_streamgen(generator, prompt, args.new_tokens)
-            ours.append(tps)
-            ttfts.append(ttft)
-            theirs.append(_time_hf(hf, prompt, args.new_tokens))
+            print(f"  {dtype} repetition {rep + 1}/{args.repeats}", flush=True)
+            # Alternate which system goes first, so slow drifts hit both alike.
+            for worker in workers if rep % 2 == 0 else workers[::-1]:
+                results[worker.name].append(worker.run(prompt, args.new_tokens))
+        for worker in workers:
+            worker.close()
+        tps = [r["tok_s"] for r in results["streamgen"]]
+        hf_tps = [r["tok_s"] for r in results["hf"]]
         rows.append(
             {
-                "dtype": dtype_name,
+                "dtype": dtype,
                 "prompt_tokens": len(prompt),
                 "new_tokens": args.new_tokens,
-                "streamgen_tok_s": median(ours),
-                "streamgen_ttft_s": median(ttfts),
-                "hf_generate_tok_s": median(theirs),
-                "ratio": median(ours) / median(theirs),
-                "raw": {"streamgen": ours, "hf": theirs},
+                "streamgen_tok_s": median(tps),
+                "streamgen_ttft_s": median([r["ttft_s"] for r in results["streamgen"]]),
+                "hf_generate_tok_s": median(hf_tps),
+                "ratio": median(tps) / median(hf_tps),
+                "same_tokens_as_hf": results["streamgen"][0]["token_ids"]
+                == results["hf"][0]["token_ids"],
+                "raw": {"streamgen": tps, "hf": hf_tps},
             }
         )
-        del generator, hf, loaded
     print(f"\nbatch-1 decode, {args.threads} threads, median of {args.repeats}")
     print(f"{'dtype':<10}{'streamgen tok/s':>17}{'TTFT ms':>9}{'HF tok/s':>10}{'ratio':>7}")
     for r in rows:

@@ -81,11 +81,17 @@ def _attend_group(
         q = query[plan.query_index].transpose(1, 2)  # [seqs, heads, max_q, head_dim]
     k = k_cache[plan.block_tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache[plan.block_tables].view(num_seqs, ctx, num_kv_heads, head_dim).transpose(1, 2)
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
+    # CPU SDPA kernels are 3x slower in bf16/fp16 than in fp32 on AVX2 machines,
+    # and the operands are small: compute in fp32 there.
+    compute_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1]
-    )  # [seqs, heads, max_q, head_dim]
+        q.to(compute_dtype),
+        k.to(compute_dtype),
+        v.to(compute_dtype),
+        attn_mask=plan.mask,
+        scale=scale,
+        enable_gqa=num_kv_heads != q.shape[1],
+    ).to(query.dtype)  # [seqs, heads, max_q, head_dim]
     if plan.covers_batch:
         return out.transpose(1, 2).reshape(query.shape)
     return out.transpose(1, 2)[plan.valid]
