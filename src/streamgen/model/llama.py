@@ -20,7 +20,7 @@ from torch import nn
 from streamgen.attention.backend import AttentionBackend, AttentionMetadata
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
-from streamgen.model.rope import apply_rope, rope_inv_freq
+from streamgen.model.rope import apply_rope, rope_inv_freq, signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32, round, then scale: what the reference models do.
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * normed.to(x.dtype)
@@ -47,7 +49,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,  # [num_tokens, 1, head_dim]
-        sin: torch.Tensor,
+        sin: torch.Tensor,  # [num_tokens, 1, head_dim], first half negated (rope.signed_sin)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         backend: AttentionBackend,
@@ -140,4 +142,4 @@ class LlamaModel(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         dtype = self.embed_tokens.weight.dtype
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype), signed_sin(emb.sin()).to(dtype)

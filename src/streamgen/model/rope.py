@@ -36,20 +36,19 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(
-    rope: RopeSpec, head_dim: int, max_positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables, each ``[max_positions, head_dim]`` float32 (halves repeated)."""
-    inv_freq = rope_inv_freq(rope, head_dim).to(device)
-    positions = torch.arange(max_positions, dtype=torch.float32, device=device)
-    freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim // 2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[num_tokens, num_heads, head_dim]`` by per-token ``cos`` and
+    ``signed_sin`` ``[num_tokens, 1, head_dim]`` (see :func:`signed_sin`).
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[num_tokens, num_heads, head_dim]`` by per-token ``cos``/``sin``
-    ``[num_tokens, 1, head_dim]``."""
+    HF's "rotate_half" form, ``x * cos + cat(-x2, x1) * sin``, with the sign
+    folded into the table so that the step costs three kernels.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``[..., head_dim]`` sin table -> the same with its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
