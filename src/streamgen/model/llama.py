@@ -9,6 +9,10 @@ Layer (pre-norm)::
 
     h = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(rms(x)))
     y = h + down_proj(silu(gate) * up)              gate, up = split(gate_up_proj(rms(h)))
+
+Submodules are called through ``.forward`` in the step's hot path: no hooks
+are used, and skipping ``nn.Module.__call__`` saves ~1.5 ms per decode step
+of SmolLM2 (300 calls).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         spec = self.spec
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
+        qkv = self.qkv_proj.forward(x)  # [num_tokens, q_size + 2 * kv_size]
         # Rotate q and k in one go: [num_tokens, num_heads + num_kv_heads, head_dim].
         qk_size = spec.q_size + spec.kv_size
         qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, spec.head_dim), cos, sin)
@@ -62,7 +66,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, metadata)
         out = backend.attend(q, k_cache, v_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, spec.q_size))
+        return self.o_proj.forward(out.reshape(num_tokens, spec.q_size))
 
 
 class MLP(nn.Module):
@@ -73,8 +77,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -94,8 +98,9 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed = self.input_layernorm.forward(x)
+        h = x + self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
 
 
 class LlamaModel(nn.Module):
@@ -125,13 +130,13 @@ class LlamaModel(nn.Module):
         cos, sin = self._rope_tables(positions)
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, metadata, backend)
-        return self.norm(x)
+            x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
+        return self.norm.forward(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [num_rows, hidden]`` -> logits ``[num_rows, vocab]`` float32."""
-        return self.lm_head(hidden).float()
+        return self.lm_head.forward(hidden).float()
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, head_dim], computed in float32 like the reference models.
