@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from bench.common import median, save_record
+from bench.roofline import decode_step_bytes, measure_read_bandwidth
 from bench.worker import WorkerProcess
 
 PROMPT = (
@@ -40,12 +41,17 @@ def _prompt_ids(tokenizer: Any) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from streamgen.model.config import ModelSpec
+    from streamgen.model.loader import resolve_dtype
     from streamgen.models import default_model_path
 
     model_dir = args.model or str(default_model_path())
     prompt = _prompt_ids(AutoTokenizer.from_pretrained(model_dir))
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    bandwidth = measure_read_bandwidth(args.threads)
+    print(f"memory read bandwidth ({args.threads} threads): {bandwidth / 1e9:.1f} GB/s")
     rows = []
     for dtype in args.dtypes.split(","):
         workers = [
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> None:
                 results[worker.name].append(worker.run(prompt, args.new_tokens))
         for worker in workers:
             worker.close()
+        mean_context = len(prompt) + args.new_tokens // 2
+        step_bytes = decode_step_bytes(spec, resolve_dtype(dtype), mean_context)
         tps = [r["tok_s"] for r in results["streamgen"]]
         hf_tps = [r["tok_s"] for r in results["hf"]]
         rows.append(
@@ -74,15 +82,21 @@ def run(args: argparse.Namespace) -> None:
                 "ratio": median(tps) / median(hf_tps),
                 "same_tokens_as_hf": results["streamgen"][0]["token_ids"]
                 == results["hf"][0]["token_ids"],
+                "roofline_tok_s": bandwidth / step_bytes,
+                "step_mbytes": step_bytes / 1e6,
                 "raw": {"streamgen": tps, "hf": hf_tps},
             }
         )
     print(f"\nbatch-1 decode, {args.threads} threads, median of {args.repeats}")
-    print(f"{'dtype':<10}{'streamgen tok/s':>17}{'TTFT ms':>9}{'HF tok/s':>10}{'ratio':>7}")
+    print(
+        f"{'dtype':<10}{'streamgen tok/s':>17}{'TTFT ms':>9}{'HF tok/s':>10}{'ratio':>7}"
+        f"{'roofline tok/s':>16}{'of roofline':>13}"
+    )
     for r in rows:
         print(
             f"{r['dtype']:<10}{r['streamgen_tok_s']:>17.1f}{r['streamgen_ttft_s'] * 1e3:>9.0f}"
-            f"{r['hf_generate_tok_s']:>10.1f}{r['ratio']:>7.2f}"
+            f"{r['hf_generate_tok_s']:>10.1f}{r['ratio']:>7.2f}{r['roofline_tok_s']:>16.1f}"
+            f"{r['streamgen_tok_s'] / r['roofline_tok_s']:>12.0%}"
         )
     command = "python -m bench latency " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -90,7 +104,13 @@ def run(args: argparse.Namespace) -> None:
     )
     path = save_record(
         "latency",
-        {"command": command, "threads": args.threads, "repeats": args.repeats, "rows": rows},
+        {
+            "command": command,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "rows": rows,
+        },
     )
     print(f"record: {path}")
     from bench.report import main as write_report

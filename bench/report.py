@@ -28,15 +28,24 @@ def _latency_section(record: dict[str, Any]) -> str:
         "greedy, EOS ignored, same weights and dtype for both systems",
         "",
         "| dtype | prompt tokens | new tokens | streamgen tok/s | streamgen TTFT ms "
-        "| HF `generate` tok/s | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| HF `generate` tok/s | ratio | roofline tok/s | streamgen / roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in record["rows"]:
+        roofline = row.get("roofline_tok_s")
+        roof = f"{roofline:.1f} | {row['streamgen_tok_s'] / roofline:.0%}" if roofline else "- | -"
         lines.append(
             f"| {row['dtype']} | {row['prompt_tokens']} | {row['new_tokens']} "
             f"| {row['streamgen_tok_s']:.1f} | {row['streamgen_ttft_s'] * 1e3:.0f} "
-            f"| {row['hf_generate_tok_s']:.1f} | **{row['ratio']:.2f}x** |"
+            f"| {row['hf_generate_tok_s']:.1f} | **{row['ratio']:.2f}x** | {roof} |"
         )
+    if "read_bandwidth_gb_s" in record:
+        lines += [
+            "",
+            f"Roofline: the weights plus the KV cache read once per step, over the measured "
+            f"memory read bandwidth ({record['read_bandwidth_gb_s']:.1f} GB/s, "
+            f"{record['threads']} threads).",
+        ]
     return "\n".join(lines)
 
 
