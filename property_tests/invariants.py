@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from streamgen.kv import BlockPool
+from collections.abc import Mapping, Sequence
+
+from streamgen.kv import BlockManager, BlockPool
 
 
 def check_block_pool(pool: BlockPool, owned: dict[str, list[int]]) -> None:
@@ -15,3 +17,67 @@ def check_block_pool(pool: BlockPool, owned: dict[str, list[int]]) -> None:
     for block, count in enumerate(counts):
         assert pool.refcount(block) == count, (block, pool.refcount(block), count)
     assert pool.num_used == sum(1 for c in counts if c > 0)
+
+
+def check_block_manager(bm: BlockManager, fork_family: Mapping[str, int]) -> None:
+    """Counts add up; refcounts match the tables; free / cached / used are disjoint;
+    a block in two tables is full and hashed, or shared within one fork family.
+
+    ``fork_family`` maps every live request id to its family (a fork child
+    gets its parent's family).
+    """
+    total = bm.num_total_blocks
+    assert bm.num_free_blocks + bm.num_used_blocks + bm.num_cached_blocks == total
+    assert sorted(bm.request_ids()) == sorted(fork_family)
+    holders: dict[int, list[str]] = {}
+    for request_id in bm.request_ids():
+        table = bm.block_table(request_id)
+        assert len(set(table)) == len(table), (request_id, table)
+        for block in table:
+            holders.setdefault(block, []).append(request_id)
+    for block in range(total):
+        assert bm.refcount(block) >= 0
+        assert bm.refcount(block) == len(holders.get(block, [])), (block, holders.get(block))
+    free, cached = bm.free_block_ids(), bm.cached_block_ids()
+    assert len(set(free)) == len(free) and len(set(cached)) == len(cached)
+    assert not set(free) & set(cached)
+    used = {b for b in range(total) if bm.refcount(b) > 0}
+    assert not used & (set(free) | set(cached))
+    assert len(used) == bm.num_used_blocks
+    for block in free:
+        assert bm.block_hash(block) is None, block
+    for block in cached:
+        block_hash = bm.block_hash(block)
+        assert block_hash is not None and bm.refcount(block) == 0, block
+    for block, owners in holders.items():
+        if len(owners) < 2:
+            continue
+        block_hash = bm.block_hash(block)
+        full_and_hashed = block_hash is not None and len(block_hash.token_ids) == bm.block_size
+        one_family = len({fork_family[r] for r in owners}) == 1
+        assert full_and_hashed or one_family, (block, owners)
+
+
+def check_block_contents(
+    bm: BlockManager,
+    token_ids: Mapping[str, Sequence[int]],
+    contents: Mapping[int, Mapping[int, int]],
+) -> None:
+    """Every computed token of an on-device request sits in its slot of its table,
+    and every hashed block holds exactly the tokens its hash names.
+
+    ``contents`` models the device KV: block id -> {slot: token id written there}.
+    """
+    for request_id, tokens in token_ids.items():
+        if bm.is_swapped(request_id):
+            continue
+        table = bm.block_table(request_id)
+        for pos in range(bm.num_computed_tokens(request_id)):
+            block = table[pos // bm.block_size]
+            slot = pos % bm.block_size
+            assert contents.get(block, {}).get(slot) == tokens[pos], (request_id, pos, block)
+    for block in range(bm.num_total_blocks):
+        block_hash = bm.block_hash(block)
+        if block_hash is not None:
+            written = [contents.get(block, {}).get(slot) for slot in range(bm.block_size)]
+            assert written == list(block_hash.token_ids), (block, written, block_hash)
