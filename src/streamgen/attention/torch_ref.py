@@ -118,7 +118,10 @@ def _make_plan(metadata: AttentionMetadata, seqs: list[int]) -> _GroupPlan:
     block_size = metadata.block_size
     q_lens = torch.tensor([metadata.query_lens_list[i] for i in seqs], dtype=torch.int64)
     s_lens = torch.tensor([metadata.seq_lens_list[i] for i in seqs], dtype=torch.int64)
-    starts = metadata.query_start_loc.cpu()[seqs]
+    query_starts = [0]
+    for q_len in metadata.query_lens_list:
+        query_starts.append(query_starts[-1] + q_len)
+    starts = torch.tensor([query_starts[i] for i in seqs], dtype=torch.int64)  # host, no sync
     max_q = int(q_lens.max())
     num_blocks = -(-int(s_lens.max()) // block_size)
 

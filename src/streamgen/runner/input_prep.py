@@ -28,10 +28,14 @@ def prepare_inputs(
     batch: ModelBatch,
     block_size: int,
     num_blocks: int,
+    vocab_size: int,
     device: torch.device,
     sliding_window: int | None = None,
 ) -> StepInputs:
-    """Flatten the batch; validate that every block table covers its tokens."""
+    """Flatten the batch; validate token ids and that every block table covers its tokens.
+
+    Validation runs on the host lists, so it never waits on the device.
+    """
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -50,6 +54,10 @@ def prepare_inputs(
             )
         if any(b < 0 or b >= num_blocks for b in table):
             raise InvalidPromptError(f"request {chunk.request_id!r}: block id out of range")
+        if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= vocab_size:
+            raise InvalidPromptError(
+                f"request {chunk.request_id!r}: token id outside the vocabulary [0, {vocab_size})"
+            )
         input_ids.extend(chunk.token_ids)
         for pos in range(chunk.start_pos, chunk.end_pos):
             positions.append(pos)

@@ -11,7 +11,6 @@ import torch
 
 from streamgen.attention.backend import AttentionBackend
 from streamgen.attention.registry import create_backend
-from streamgen.errors import InvalidPromptError
 from streamgen.model.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.input_prep import StepInputs, prepare_inputs
@@ -52,14 +51,14 @@ class ModelRunner:
         return self.kv_cache.num_blocks
 
     def prepare(self, batch: ModelBatch) -> StepInputs:
-        inputs = prepare_inputs(
-            batch, self.block_size, self.num_blocks, self.device, self.spec.sliding_window
+        return prepare_inputs(
+            batch,
+            self.block_size,
+            self.num_blocks,
+            self.spec.vocab_size,
+            self.device,
+            self.spec.sliding_window,
         )
-        if inputs.input_ids.numel() and (
-            int(inputs.input_ids.min()) < 0 or int(inputs.input_ids.max()) >= self.spec.vocab_size
-        ):
-            raise InvalidPromptError(f"token id outside the vocabulary [0, {self.spec.vocab_size})")
-        return inputs
 
     def forward_hidden(self, inputs: StepInputs) -> torch.Tensor:  # [num_tokens, hidden]
         return self.loaded.model(
