@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from streamgen.kv import BlockManager, BlockPool
+from streamgen.scheduler import RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 
 
 def check_block_pool(pool: BlockPool, owned: dict[str, list[int]]) -> None:
@@ -81,3 +82,51 @@ def check_block_contents(
         if block_hash is not None:
             written = [contents.get(block, {}).get(slot) for slot in range(bm.block_size)]
             assert written == list(block_hash.token_ids), (block, written, block_hash)
+
+
+def check_scheduler(scheduler: Scheduler, live_ids: Iterable[str], gone_ids: Iterable[str]) -> None:
+    """Blocks add up; every live request is in exactly one queue and its status
+    says which; only running requests hold device blocks and only swapped ones
+    host blocks; finished or aborted requests hold nothing; slots are capped."""
+    bm = scheduler.block_manager
+    check_block_manager(bm, {rid: i for i, rid in enumerate(bm.request_ids())})
+    running, waiting = scheduler.running_ids(), scheduler.waiting_ids()
+    swapped = scheduler.swapped_ids()
+    queued = running + waiting + swapped
+    assert len(queued) == len(set(queued)), (running, waiting, swapped)
+    assert set(queued) == set(live_ids), (queued, sorted(live_ids))
+    assert len(running) <= scheduler.config.max_num_seqs
+    assert set(bm.request_ids()) == set(running) | set(swapped)
+    statuses = (
+        (running, RequestStatus.RUNNING),
+        (waiting, RequestStatus.WAITING),
+        (swapped, RequestStatus.SWAPPED),
+    )
+    for ids, status in statuses:
+        for rid in ids:
+            req = scheduler.get_request(rid)
+            assert req is not None and req.status is status, (rid, status)
+            assert 0 <= req.num_computed_tokens <= req.num_tokens, rid
+            if status is RequestStatus.WAITING:
+                assert req.num_computed_tokens == 0, rid
+            else:
+                assert bm.is_swapped(rid) == (status is RequestStatus.SWAPPED), rid
+    for rid in gone_ids:
+        assert rid not in bm and scheduler.get_request(rid) is None, rid
+    stats = scheduler.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_swapped) == (
+        len(running),
+        len(waiting),
+        len(swapped),
+    )
+
+
+def check_scheduler_output(output: SchedulerOutput, config: SchedulerConfig) -> None:
+    """The step fits the token budget, one chunk per scheduled request, sizes agree."""
+    assert output.total_num_scheduled_tokens <= config.max_num_batched_tokens
+    chunk_ids = [c.request_id for c in output.batch.chunks]
+    assert len(chunk_ids) == len(set(chunk_ids)) <= config.max_num_seqs
+    assert set(chunk_ids) == set(output.num_scheduled_tokens)
+    for chunk in output.batch.chunks:
+        assert chunk.num_tokens == output.num_scheduled_tokens[chunk.request_id] > 0
+        assert len(chunk.block_table) * config.block_size >= chunk.end_pos

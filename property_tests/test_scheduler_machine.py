@@ -1,0 +1,163 @@
+"""Random add / step / abort / set_priority / add_credit sequences keep the
+scheduler's invariants, every generated token equals what an unconstrained
+run produces, and once credit flows again every request finishes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from invariants import check_scheduler, check_scheduler_output
+
+from streamgen.kv import BlockManager
+from streamgen.runner.batch import RunnerOutput
+from streamgen.sampling_params import SamplingParams
+from streamgen.scheduler import (
+    UNLIMITED_CREDIT,
+    PreemptionMode,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+
+BLOCK_SIZE = 4
+# A three-token alphabet so prompts often share prefixes (and prefix hits happen).
+prompt_strategy = st.lists(st.integers(0, 2), min_size=1, max_size=14)
+credit_strategy = st.one_of(st.just(UNLIMITED_CREDIT), st.integers(0, 3))
+
+
+def next_token(tokens: Sequence[int]) -> int:
+    return (sum(tokens) * 31 + len(tokens)) % 97 + 3
+
+
+class KVModelRunner:
+    """Writes chunk tokens into a model of the device/host KV and samples from
+    the context read back through the block table."""
+
+    def __init__(self) -> None:
+        self.device: dict[int, dict[int, int]] = {}
+        self.host: dict[int, dict[int, int]] = {}
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for dev, host in out.blocks_to_swap_out:
+            self.host[host] = dict(self.device.get(dev, {}))
+        for host, dev in out.blocks_to_swap_in:
+            self.device[dev] = dict(self.host[host])
+        for src, dst in out.blocks_to_copy:
+            self.device[dst] = dict(self.device.get(src, {}))
+        request_ids, token_ids = [], []
+        for chunk in out.batch.chunks:
+            table = chunk.block_table
+            for i, token in enumerate(chunk.token_ids):
+                pos = chunk.start_pos + i
+                self.device.setdefault(table[pos // BLOCK_SIZE], {})[pos % BLOCK_SIZE] = token
+            if chunk.sampling is not None:
+                context = [
+                    self.device[table[p // BLOCK_SIZE]].get(p % BLOCK_SIZE)
+                    for p in range(chunk.end_pos)
+                ]
+                known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
+                assert context == known, (chunk.request_id, context, known)
+                request_ids.append(chunk.request_id)
+                token_ids.append(next_token(known))
+        return RunnerOutput(request_ids=request_ids, token_ids=token_ids)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    mode: PreemptionMode = "recompute"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SchedulerConfig(
+            max_num_batched_tokens=12,
+            max_num_seqs=3,
+            long_prefill_chunk=8,
+            preemption_mode=self.mode,
+            block_size=BLOCK_SIZE,
+        )
+        bm = BlockManager(num_blocks=10, block_size=BLOCK_SIZE, num_host_blocks=6)
+        self.scheduler = Scheduler(self.config, bm, max_model_len=36)
+        self.runner = KVModelRunner()
+        self.prompts: dict[str, list[int]] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.gone: set[str] = set()
+        self.next_id = 0
+
+    def _live(self) -> list[str]:
+        return sorted(self.prompts)
+
+    @rule(
+        prompt=prompt_strategy,
+        priority=st.integers(0, 3),
+        max_tokens=st.integers(1, 8),
+        credit=credit_strategy,
+    )
+    def add_request(self, prompt: list[int], priority: int, max_tokens: int, credit: int) -> None:
+        self.next_id += 1
+        rid = f"r{self.next_id}"
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        self.scheduler.add_request(Request(rid, prompt, params, priority=priority, credit=credit))
+        self.prompts[rid] = list(prompt)
+        self.outputs[rid] = []
+
+    @rule()
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        check_scheduler_output(out, self.config)
+        for rid, tokens, reason in self.scheduler.update(self.runner.execute(out)):
+            self.outputs[rid].extend(tokens)
+            context = list(self.prompts[rid])
+            for token in self.outputs[rid]:  # same tokens as an unconstrained run
+                assert token == next_token(context), rid
+                context.append(token)
+            if reason is not None:
+                del self.prompts[rid]
+                self.gone.add(rid)
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(self._live()))
+        assert self.scheduler.abort_request(rid)
+        del self.prompts[rid]
+        self.gone.add(rid)
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), priority=st.integers(0, 3))
+    def set_priority(self, data: st.DataObject, priority: int) -> None:
+        assert self.scheduler.set_priority(data.draw(st.sampled_from(self._live())), priority)
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), credit=st.integers(0, 4))
+    def add_credit(self, data: st.DataObject, credit: int) -> None:
+        assert self.scheduler.add_credit(data.draw(st.sampled_from(self._live())), credit)
+
+    @invariant()
+    def scheduler_is_consistent(self) -> None:
+        check_scheduler(self.scheduler, self.prompts, self.gone)
+
+    def teardown(self) -> None:
+        # Liveness: with credit for everyone, every request finishes in bounded steps.
+        for rid in self._live():
+            self.scheduler.add_credit(rid, UNLIMITED_CREDIT)
+        for _ in range(400):
+            if not self.scheduler.has_unfinished():
+                break
+            self.step()
+            check_scheduler(self.scheduler, self.prompts, self.gone)
+        assert not self.scheduler.has_unfinished(), self.scheduler.stats()
+        assert self.scheduler.block_manager.num_used_blocks == 0
+
+
+class SwapSchedulerMachine(SchedulerMachine):
+    mode: PreemptionMode = "swap"
+
+
+machine_settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestSchedulerRecompute = SchedulerMachine.TestCase
+TestSchedulerRecompute.settings = machine_settings
+TestSchedulerSwap = SwapSchedulerMachine.TestCase
+TestSchedulerSwap.settings = machine_settings

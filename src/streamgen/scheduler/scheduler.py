@@ -1,0 +1,320 @@
+"""The scheduler: which requests run this step, and how many new tokens each.
+
+One rule (vLLM v1): every request catches ``num_computed_tokens`` up to its
+token count (prompt + generated). A step gives each chosen request
+``min(tokens left, budget left)`` new tokens; a fresh prompt, a chunk of a
+long prompt, the tail after a prefix-cache hit and a one-token decode are
+the same thing.
+
+Each :meth:`Scheduler.schedule`::
+
+    1. running requests, by (priority desc, arrival asc), credit > 0:
+         grow the block table; if blocks are short, preempt the running
+         request that is first in *victim order* (credit-starved first, then
+         lowest priority, then latest arrival), possibly the request itself.
+    2. swapped and waiting requests, same order, while budget and slots last:
+         swap in / attach the cached prefix and allocate; if blocks or slots
+         are short, preempt running requests of strictly lower priority (or
+         credit-starved ones) that were not admitted this step.
+    3. build the ModelBatch from what was scheduled.
+
+Hysteresis (no ping-pong): a waiting request only displaces a running one
+of *strictly* lower priority, never one admitted or resumed in the same
+step, and a request preempted in a step is not re-admitted in that step.
+Between equal priorities the earlier arrival always wins, so two
+equal-priority requests never take turns preempting each other.
+
+Invariants: every live request is in exactly one of ``_running``,
+``_waiting``, ``_swapped``; only running requests hold device blocks,
+only swapped ones hold host blocks; finished requests hold nothing.
+"""
+
+from __future__ import annotations
+
+from streamgen.errors import ConfigError, RequestError
+from streamgen.kv import BlockManager
+from streamgen.runner.batch import ModelBatch, RunnerOutput
+from streamgen.scheduler import blocks
+from streamgen.scheduler.config import SchedulerConfig
+from streamgen.scheduler.output import (
+    SchedulerOutput,
+    SchedulerStats,
+    StepState,
+    TokenEvent,
+    make_chunk,
+    victim_key,
+)
+from streamgen.scheduler.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    """Continuous batching over a :class:`~streamgen.kv.BlockManager`.
+
+    Example (a fake runner that always samples token 7)::
+
+        >>> from streamgen.kv import BlockManager
+        >>> from streamgen.runner.batch import RunnerOutput
+        >>> from streamgen.sampling_params import SamplingParams
+        >>> s = Scheduler(SchedulerConfig(block_size=4), BlockManager(8, 4), max_model_len=32)
+        >>> s.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=2)))
+        >>> out = s.schedule()
+        >>> out.num_scheduled_tokens
+        {'a': 3}
+        >>> s.update(RunnerOutput(["a"], [7]))
+        [('a', [7], None)]
+        >>> _ = s.schedule(); s.update(RunnerOutput(["a"], [7]))
+        [('a', [7], <FinishReason.LENGTH: 'length'>)]
+        >>> s.has_unfinished()
+        False
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        *,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] | list[int] | frozenset[int] = (),
+    ) -> None:
+        if block_manager.block_size != config.block_size:
+            raise ConfigError(
+                f"block_size {config.block_size} differs from the block manager's "
+                f"{block_manager.block_size}"
+            )
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int):
+            raise ConfigError(f"max_model_len must be an int, got {max_model_len!r}")
+        if max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {max_model_len}")
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # A request never grows past what the whole pool holds, so it can always run alone.
+        self._context_limit = min(max_model_len, block_manager.num_total_blocks * config.block_size)
+        self._requests: dict[str, Request] = {}
+        self._running: list[Request] = []
+        self._waiting: list[Request] = []
+        self._swapped: list[Request] = []
+        self._last_scheduled: dict[str, int] = {}
+        self._next_arrival = 0
+        self._num_preemptions = 0
+
+    # ----- commands -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Validate and queue a request (it gets the next arrival number).
+
+        Raises:
+            RequestError: the id is already live.
+            InvalidPromptError: the prompt is empty or longer than ``max_model_len``.
+            CapacityError: the prompt needs more KV blocks than the whole pool.
+        """
+        if request.request_id in self._requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        pool = self.block_manager
+        request.check_prompt(self.max_model_len, pool.num_total_blocks, pool.block_size)
+        request.prompt_token_ids = list(request.prompt_token_ids)
+        request.arrival = self._next_arrival
+        self._next_arrival += 1
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.finish_reason = None
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish the request now, in any state, freeing its blocks. False if unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.ABORT)
+        return True
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a live request's priority (used from the next schedule). False if unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        req.priority = priority
+        return True
+
+    def add_credit(self, request_id: str, num_tokens: int) -> bool:
+        """The consumer can take ``num_tokens`` more tokens. False if unknown."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        req.credit += num_tokens
+        return True
+
+    # ----- queries ----------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def running_ids(self) -> list[str]:
+        return [r.request_id for r in self._running]
+
+    def waiting_ids(self) -> list[str]:
+        return [r.request_id for r in self._waiting]
+
+    def swapped_ids(self) -> list[str]:
+        return [r.request_id for r in self._swapped]
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_swapped=len(self._swapped),
+            num_preemptions=self._num_preemptions,
+        )
+
+    # ----- one step ---------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step's batch. Call :meth:`update` with the runner's output next."""
+        step = StepState(budget=self.config.max_num_batched_tokens)
+        for req in sorted(self._running, key=Request.order_key):
+            if step.budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING or req.credit <= 0:
+                continue
+            num_new = blocks.num_new_tokens(req, req.num_computed_tokens, step.budget, self.config)
+            while not blocks.grow(self.block_manager, req, req.num_computed_tokens + num_new, step):
+                victim = min(
+                    [r for r in self._running if r.request_id not in step.scheduled],
+                    key=victim_key,
+                )
+                self._preempt(victim, step)
+                if victim is req:
+                    break
+            else:
+                self._schedule(req, num_new, step)
+
+        queued = sorted(self._swapped + self._waiting, key=Request.order_key)
+        for req in queued:
+            if step.budget == 0:
+                break
+            if req.credit <= 0 or req.request_id in step.preempted:
+                continue
+            if not self._admit(req, step):
+                break  # strict priority order: nothing lower jumps ahead
+
+        self._last_scheduled = step.scheduled
+        return self._build_output(step)
+
+    def update(self, output: RunnerOutput) -> list[TokenEvent]:
+        """Apply the runner's output for the last :meth:`schedule`; return token events.
+
+        Requests aborted since that schedule are skipped.
+        """
+        sampled = dict(zip(output.request_ids, output.token_ids, strict=True))
+        live = self._last_scheduled  # aborted requests were already dropped from it
+        expected = {
+            rid
+            for rid, n in live.items()
+            if self._requests[rid].num_computed_tokens + n == self._requests[rid].num_tokens
+        }
+        # Tokens of requests aborted since the schedule are dropped.
+        unexpected = {rid for rid in sampled if rid in self._requests} - expected
+        missing = expected - set(sampled)
+        if unexpected or missing:
+            raise ValueError(
+                f"runner output does not match the schedule: unexpected {sorted(unexpected)}, "
+                f"missing {sorted(missing)}"
+            )
+        self._last_scheduled = {}
+        events: list[TokenEvent] = []
+        for rid, num_new in live.items():
+            req = self._requests[rid]
+            req.num_computed_tokens += num_new
+            self.block_manager.commit_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
+            if rid not in expected:
+                continue
+            token = sampled[rid]
+            req.output_token_ids.append(token)
+            req.credit -= 1
+            reason = req.finish_check(token, self.eos_token_ids, self._context_limit)
+            events.append((rid, [token], reason))
+            if reason is not None:
+                self._finish(req, reason)
+        return events
+
+    # ----- internals ----------------------------------------------------------------
+
+    def _schedule(self, req: Request, num_new: int, step: StepState) -> None:
+        step.scheduled[req.request_id] = num_new
+        step.budget -= num_new
+
+    def _preempt(self, victim: Request, step: StepState) -> None:
+        rid = victim.request_id
+        step.budget += step.scheduled.pop(rid, 0)
+        self._running.remove(victim)
+        if blocks.release(self.block_manager, victim, step, self.config):
+            victim.status = RequestStatus.SWAPPED
+            self._swapped.append(victim)
+        else:
+            victim.status = RequestStatus.WAITING
+            self._waiting.append(victim)
+        victim.num_preemptions += 1
+        self._num_preemptions += 1
+        step.preempted.add(rid)
+        step.preempted_ids.append(rid)
+
+    def _admit(self, req: Request, step: StepState) -> bool:
+        """Swap in or start a queued request, preempting lower-priority work if needed."""
+        bm = self.block_manager
+        while True:
+            if len(self._running) < self.config.max_num_seqs:
+                swapped = req.status is RequestStatus.SWAPPED
+                admit = blocks.swap_in if swapped else blocks.start
+                num_new = admit(bm, req, step, self.config)
+                if num_new > 0:
+                    (self._swapped if swapped else self._waiting).remove(req)
+                    req.status = RequestStatus.RUNNING
+                    self._running.append(req)
+                    step.admitted.add(req.request_id)
+                    self._schedule(req, num_new, step)
+                    return True
+            victims = [
+                r
+                for r in self._running
+                if r.request_id not in step.admitted
+                and (r.priority < req.priority or r.credit <= 0)
+            ]
+            if not victims or not blocks.could_fit(bm, req, victims, self.config):
+                return False
+            self._preempt(min(victims, key=victim_key), step)
+
+    def _build_output(self, step: StepState) -> SchedulerOutput:
+        chunks = [
+            make_chunk(self._requests[rid], num_new, self.block_manager.block_table(rid))
+            for rid, num_new in step.scheduled.items()
+        ]
+        return SchedulerOutput(
+            batch=ModelBatch(chunks),
+            num_scheduled_tokens=dict(step.scheduled),
+            blocks_to_copy=step.copies,
+            blocks_to_swap_out=step.swap_out,
+            blocks_to_swap_in=step.swap_in,
+            preempted_ids=step.preempted_ids,
+        )
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        queue = {
+            RequestStatus.RUNNING: self._running,
+            RequestStatus.WAITING: self._waiting,
+            RequestStatus.SWAPPED: self._swapped,
+        }.get(req.status)
+        if queue is not None:
+            queue.remove(req)
+        if req.request_id in self.block_manager:
+            self.block_manager.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self._requests[req.request_id]
+        self._last_scheduled.pop(req.request_id, None)
