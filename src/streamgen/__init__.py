@@ -1,10 +1,19 @@
 """streamgen: an in-process LLM inference SDK.
 
->>> from streamgen import load_model, OfflineGenerator, SamplingParams  # doctest: +SKIP
->>> gen = OfflineGenerator(load_model())  # the default SmolLM2-135M-Instruct
->>> gen.generate([[1, 504, 3]], SamplingParams(temperature=0, max_tokens=16))
+>>> from streamgen import Engine, SamplingParams  # doctest: +SKIP
+>>> async with Engine() as engine:  # the default SmolLM2-135M-Instruct
+...     async for event in engine.stream("Hello!", SamplingParams(max_tokens=16)):
+...         print(event.text, end="")
 """
 
+from streamgen.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    RequestMetrics,
+    RequestStream,
+    TokenEvent,
+)
 from streamgen.errors import (
     CapacityError,
     ConfigError,
@@ -27,7 +36,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CapacityError",
+    "Completion",
     "ConfigError",
+    "Engine",
+    "EngineConfig",
     "EngineDeadError",
     "InvalidPromptError",
     "InvalidSamplingParamsError",
@@ -39,8 +51,11 @@ __all__ = [
     "ModelSpec",
     "OfflineGenerator",
     "RequestError",
+    "RequestMetrics",
+    "RequestStream",
     "SamplingParams",
     "StreamgenError",
+    "TokenEvent",
     "UnsupportedModelError",
     "__version__",
     "load_model",

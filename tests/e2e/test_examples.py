@@ -29,3 +29,22 @@ def test_cli_demo_streams_an_answer(default_model_dir: Path) -> None:
     )
     assert "Paris" in result.stdout
     assert "tok/s" in result.stdout
+
+
+def run_example(name: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    return result.stdout
+
+
+def test_quickstart_example(default_model_dir: Path) -> None:
+    assert "Paris" in run_example("quickstart.py")
+
+
+def test_trio_example(default_model_dir: Path) -> None:
+    out = run_example("trio_stream.py")
+    assert "[stop] What is the capital of France?" in out or "[length]" in out
+    assert "[abort] Write a long poem" in out
+    assert "'kv_blocks_used': 0" in out

@@ -69,3 +69,19 @@ class PagedKVCache:
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
+
+
+def copy_blocks(
+    src: PagedKVCache, dst: PagedKVCache, pairs: list[tuple[int, int]]
+) -> None:
+    """Copy whole blocks ``src_block -> dst_block`` in every layer (copy-on-write
+    within one cache, or swap between the device and the host cache)."""
+    if not pairs:
+        return
+    device_of = src.layers[0][0].device
+    src_ids = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=device_of)
+    dst_ids = torch.tensor([d for _, d in pairs], dtype=torch.int64)
+    dst_ids = dst_ids.to(dst.layers[0][0].device)
+    for (src_k, src_v), (dst_k, dst_v) in zip(src.layers, dst.layers, strict=True):
+        dst_k.index_copy_(0, dst_ids, src_k.index_select(0, src_ids).to(dst_k.device))
+        dst_v.index_copy_(0, dst_ids, src_v.index_select(0, src_ids).to(dst_v.device))

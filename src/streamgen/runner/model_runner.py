@@ -14,7 +14,7 @@ from streamgen.attention.registry import create_backend
 from streamgen.model.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.input_prep import StepInputs, prepare_inputs
-from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
+from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache, copy_blocks
 from streamgen.runner.sampler import Sampler
 
 
@@ -32,6 +32,7 @@ class ModelRunner:
         *,
         backend: AttentionBackend | str = "torch",
         sampler: Sampler | None = None,
+        num_host_blocks: int = 0,
     ) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
@@ -39,6 +40,13 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(
             loaded.spec, kv_config or KVCacheConfig(), loaded.dtype, self.device
         )
+        # Host-memory pool for swap preemption (same layout as the device cache).
+        host_config = KVCacheConfig(
+            block_size=self.kv_cache.block_size,
+            num_blocks=max(1, num_host_blocks),
+            dtype=self.kv_cache.dtype,
+        )
+        self.host_kv_cache = PagedKVCache(loaded.spec, host_config, loaded.dtype, "cpu")
         self.backend = create_backend(backend) if isinstance(backend, str) else backend
         self.sampler = sampler or Sampler(eos_token_ids=loaded.spec.eos_token_ids)
 
@@ -49,6 +57,18 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
+
+    def apply_block_ops(
+        self,
+        swap_out: list[tuple[int, int]],
+        swap_in: list[tuple[int, int]],
+        copies: list[tuple[int, int]],
+    ) -> None:
+        """Perform the scheduler's block moves, in the order it requires:
+        swap-outs (device -> host), swap-ins (host -> device), then copies."""
+        copy_blocks(self.kv_cache, self.host_kv_cache, swap_out)
+        copy_blocks(self.host_kv_cache, self.kv_cache, swap_in)
+        copy_blocks(self.kv_cache, self.kv_cache, copies)
 
     def prepare(self, batch: ModelBatch) -> StepInputs:
         return prepare_inputs(

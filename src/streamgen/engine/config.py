@@ -1,0 +1,74 @@
+"""EngineConfig: one frozen object composing every knob of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from streamgen.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Configuration of an :class:`~streamgen.Engine`.
+
+    Values discovered at start-up (the number of KV blocks that fit in
+    ``kv_cache_bytes``) are reported by ``engine.stats()``, never written back.
+
+    >>> EngineConfig(max_num_seqs=8).max_num_seqs
+    8
+    >>> EngineConfig.preset("low_latency").max_num_batched_tokens
+    256
+    """
+
+    dtype: str = "float32"
+    threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
+    kv_cache_bytes: int = 512 << 20
+    num_host_blocks: int = 0  # host pool for swap preemption
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    long_prefill_chunk: int | None = None
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    stream_buffer: int = 16  # tokens a stream holds before its request pauses
+    attention_backend: str = "torch"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_seqs": self.max_num_seqs,
+            "stream_buffer": self.stream_buffer,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name, opt in (("num_kv_blocks", self.num_kv_blocks), ("threads", self.threads),
+                          ("max_model_len", self.max_model_len)):
+            if opt is not None and (not isinstance(opt, int) or opt < 1):
+                raise ConfigError(f"{name} must be None or a positive int, got {opt!r}")
+        if self.num_host_blocks < 0:
+            raise ConfigError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ConfigError(f"preemption_mode must be 'recompute' or 'swap', "
+                              f"got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and self.num_host_blocks == 0:
+            raise ConfigError("preemption_mode='swap' needs num_host_blocks > 0")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> EngineConfig:
+        """``"low_latency" | "balanced" | "high_throughput"``, overridable field by field."""
+        presets: dict[str, dict[str, Any]] = {
+            "low_latency": dict(max_num_batched_tokens=256, max_num_seqs=8, stream_buffer=4),
+            "balanced": dict(max_num_batched_tokens=512, max_num_seqs=64),
+            "high_throughput": dict(max_num_batched_tokens=2048, max_num_seqs=256,
+                                    stream_buffer=64),
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})

@@ -1,0 +1,278 @@
+"""Engine: the async front of streamgen.
+
+>>> async with Engine() as engine:  # doctest: +SKIP
+...     async for event in engine.stream("Tell me a joke."):
+...         print(event.text, end="")
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from streamgen.engine.config import EngineConfig
+from streamgen.engine.core import EngineCore, StepEvents
+from streamgen.engine.delivery import loop_scheduler
+from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, StreamEnd, StreamError
+from streamgen.engine.stream import RequestStream
+from streamgen.errors import EngineDeadError, InvalidPromptError, RequestError
+from streamgen.kv import BlockManager
+from streamgen.model.loader import LoadedModel, load_model
+from streamgen.runner.kv_cache import KVCacheConfig
+from streamgen.runner.model_runner import ModelRunner
+from streamgen.runner.sampler import Sampler
+from streamgen.sampling_params import SamplingParams
+from streamgen.scheduler import Request, Scheduler, SchedulerConfig
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+LONG_PROMPT_CHARS = 4096  # longer text prompts are tokenized off the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What :meth:`Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class Engine:
+    """An in-process inference engine: continuous batching on a background thread,
+    token streams on the event loop (asyncio or trio).
+
+    Use ``async with Engine(...) as engine`` or ``await engine.start()`` /
+    ``await engine.aclose()``. ``model`` is a checkpoint directory, an already
+    loaded model, or None for the default SmolLM2-135M-Instruct.
+    """
+
+    def __init__(
+        self, model: str | Path | LoadedModel | None = None, config: EngineConfig | None = None
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._model_arg = model
+        self._core: EngineCore | None = None
+        self._loaded: LoadedModel | None = None
+        self._senders: dict[str, MemoryObjectSendStream[Any]] = {}
+        self._ids = itertools.count()
+        self._closed = False
+
+    # ----- lifecycle -----------------------------------------------------------------
+    async def start(self) -> Engine:
+        if self._core is not None:
+            return self
+        schedule_on_loop = loop_scheduler()
+        self._loaded = await anyio.to_thread.run_sync(self._load)
+        loaded, cfg = self._loaded, self.config
+        runner = ModelRunner(
+            loaded,
+            KVCacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_bytes),
+            backend=cfg.attention_backend,
+            sampler=Sampler(seed=cfg.seed, eos_token_ids=loaded.spec.eos_token_ids),
+            num_host_blocks=cfg.num_host_blocks,
+        )
+        blocks = BlockManager(
+            runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.num_host_blocks
+        )
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_num_seqs=cfg.max_num_seqs,
+                long_prefill_chunk=cfg.long_prefill_chunk,
+                preemption_mode=cfg.preemption_mode,
+                block_size=cfg.block_size,
+            ),
+            blocks,
+            max_model_len=self.max_model_len,
+            eos_token_ids=loaded.spec.eos_token_ids,
+        )
+        def deliver(events: StepEvents) -> None:
+            schedule_on_loop(self._dispatch, events)
+
+        self._core = EngineCore(scheduler, runner, loaded.tokenizer, deliver)
+        self._core.start()
+        return self
+
+    def _load(self) -> LoadedModel:
+        import torch
+
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        if isinstance(self._model_arg, LoadedModel):
+            return self._model_arg
+        return load_model(self._model_arg, dtype=self.config.dtype)
+
+    async def aclose(self) -> None:
+        """Stop the core; open streams end with ``finish_reason == "abort"``."""
+        if self._core is None or self._closed:
+            return
+        self._closed = True
+        self._core.send(Shutdown())
+        await anyio.to_thread.run_sync(self._core.join, 30.0)
+        for rid in list(self._senders):
+            self._dispatch({rid: [StreamEnd("abort")]})
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ----- requests ------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        assert self._loaded is not None
+        return self.config.max_model_len or self._loaded.spec.max_position_embeddings
+
+    @property
+    def tokenizer(self) -> Any:
+        assert self._loaded is not None
+        return self._loaded.tokenizer
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        *,
+        buffer: int | None = None,
+    ) -> RequestStream:
+        """Start a request and return its token stream (an async iterator and handle).
+
+        ``prompt``: text, chat messages (``[{"role": ..., "content": ...}]``,
+        rendered with the model's chat template) or token ids. Invalid input
+        raises a :class:`~streamgen.RequestError` before anything is queued.
+        """
+        core = self._require_core()
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise RequestError(f"priority must be an int, got {priority!r}")
+        capacity = buffer if buffer is not None else self.config.stream_buffer
+        if not isinstance(capacity, int) or capacity < 1:
+            raise RequestError(f"buffer must be a positive int, got {capacity!r}")
+        request_id = f"req-{next(self._ids)}"
+        send, receive = anyio.create_memory_object_stream[Any](capacity + 2)
+
+        def make_request(token_ids: list[int]) -> Request:
+            request = Request(request_id, token_ids, params, priority, credit=capacity)
+            request.check_prompt(
+                self.max_model_len, core.runner.num_blocks, self.config.block_size
+            )
+            return request
+
+        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
+            async def submit_later() -> None:
+                token_ids = await anyio.to_thread.run_sync(self._tokenize, prompt)
+                self._submit(core, make_request(token_ids), send)
+
+            return RequestStream(request_id, receive, self, submit_later)
+        request = make_request(self._tokenize(prompt))
+        self._submit(core, request, send)
+        return RequestStream(request_id, receive, self)
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
+    ) -> Completion:
+        """The whole completion at once."""
+        stream = self.stream(prompt, params, priority)
+        texts, token_ids = [], []
+        async for event in stream:
+            texts.append(event.text)
+            token_ids.append(event.token_id)
+        return Completion("".join(texts), token_ids, stream.finish_reason)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue sizes, KV blocks and preemptions, read without locking (approximate)."""
+        core = self._require_core()
+        sched = core.scheduler.stats()
+        blocks = core.scheduler.block_manager
+        return {
+            "healthy": self.healthy,
+            "running": sched.num_running,
+            "waiting": sched.num_waiting,
+            "swapped": sched.num_swapped,
+            "preemptions": sched.num_preemptions,
+            "kv_blocks_total": blocks.num_total_blocks,
+            "kv_blocks_free": blocks.num_free_blocks,
+            "kv_blocks_used": blocks.num_used_blocks,
+            "kv_blocks_cached": blocks.num_cached_blocks,
+            "steps": core.num_steps,
+            "attention_backend": core.runner.backend.name,
+        }
+
+    @property
+    def healthy(self) -> bool:
+        return self._core is not None and self._core.is_alive and not self._closed
+
+    # ----- internals -----------------------------------------------------------------
+    def _require_core(self) -> EngineCore:
+        if self._core is None:
+            raise RuntimeError("engine not started: use `async with Engine()` or `await start()`")
+        if self._core.error is not None or self._closed:
+            raise EngineDeadError("the engine is not running")
+        return self._core
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        tokenizer = self.tokenizer
+        vocab = self._loaded.spec.vocab_size if self._loaded else 0
+        if isinstance(prompt, str):
+            token_ids = list(tokenizer.encode(prompt))
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            token_ids = list(tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+            ))
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidPromptError(
+                    f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                )
+        else:
+            raise InvalidPromptError("prompt must be text, chat messages or a list of token ids")
+        if not token_ids:
+            raise InvalidPromptError("the prompt is empty")
+        return token_ids
+
+    def _submit(
+        self, core: EngineCore, request: Request, send: MemoryObjectSendStream[Any]
+    ) -> None:
+        self._senders[request.request_id] = send
+        core.submit(request)
+
+    def _dispatch(self, events: StepEvents) -> None:
+        """On the event loop: push one step's events into the streams (never blocks)."""
+        for rid, items in events.items():
+            send = self._senders.get(rid)
+            if send is None:
+                continue
+            for item in items:
+                try:
+                    send.send_nowait(item)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    break  # the consumer is gone; its abort is already on the way
+                final = isinstance(item, StreamEnd | StreamError) or item.finish_reason is not None
+                if final:
+                    send.close()
+                    del self._senders[rid]
+                    break
+
+    def _abort(self, request_id: str) -> None:
+        if self._core is not None:
+            self._core.send(Abort(request_id))
+
+    def _credit(self, request_id: str, num_tokens: int) -> None:
+        if self._core is not None:
+            self._core.send(Credit(request_id, num_tokens))
+
+    def _set_priority(self, request_id: str, priority: int) -> None:
+        if self._core is not None:
+            self._core.send(SetPriority(request_id, priority))
