@@ -48,3 +48,12 @@ def test_trio_example(default_model_dir: Path) -> None:
     assert "[stop] What is the capital of France?" in out or "[length]" in out
     assert "[abort] Write a long poem" in out
     assert "'kv_blocks_used': 0" in out
+
+
+def test_priorities_example(default_model_dir: Path) -> None:
+    out = run_example("priorities.py")
+    order = out.split("finished in order:")[1].splitlines()[0]
+    assert order.index("urgent") < order.index("essay-0")
+    assert "[moon, abort]" in out
+    preemptions = int(out.split("preemptions:")[1].split()[0])
+    assert preemptions >= 1
