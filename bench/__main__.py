@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import latency
+from bench import latency, throughput
 
-SCENARIOS = {"latency": latency}
+SCENARIOS = {"latency": latency, "throughput": throughput}
 
 
 def main() -> int:

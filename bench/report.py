@@ -49,7 +49,32 @@ def _latency_section(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"latency": _latency_section}
+def _throughput_section(record: dict[str, Any]) -> str:
+    lines = [
+        f"## throughput — {record['date']}",
+        "",
+        f"- command: `{record['command']}`",
+        f"- commit: `{record['commit']}`; machine: {record['machine']}",
+        f"- all requests submitted at once, {record['threads']} threads, "
+        f"median of {record['repeats']}; greedy, EOS ignored; HF = `generate` in static "
+        "batches of 8 (useful tokens only)",
+        "",
+        "| dtype | requests | output tokens | streamgen tok/s | HF static-8 tok/s | ratio "
+        "| TTFT p50 / p99 s | ITL p50 / p99 ms | preemptions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        ttft, itl = r["streamgen_ttft_s"], r["streamgen_itl_s"]
+        lines.append(
+            f"| {r['dtype']} | {r['requests']} | {r['output_tokens']} "
+            f"| {r['streamgen_tok_s']:.1f} | {r['hf_static8_tok_s']:.1f} "
+            f"| **{r['ratio']:.2f}x** | {ttft['p50']:.1f} / {ttft['p99']:.1f} "
+            f"| {itl['p50'] * 1e3:.0f} / {itl['p99'] * 1e3:.0f} | {r['preemptions']} |"
+        )
+    return "\n".join(lines)
+
+
+SECTIONS = {"latency": _latency_section, "throughput": _throughput_section}
 
 
 def render() -> str:

@@ -43,6 +43,53 @@ class StreamgenSystem:
         return {"tok_s": len(token_ids) / total, "ttft_s": ttft, "token_ids": token_ids}
 
 
+    def run_workload(
+        self, prompts: list[list[int]], output_lens: list[int], **config: Any
+    ) -> dict[str, Any]:
+        """All requests submitted at once to the async engine."""
+        import asyncio
+
+        from streamgen import Engine, EngineConfig, SamplingParams
+
+        async def main() -> dict[str, Any]:
+            engine_config = EngineConfig(**config)
+            async with Engine(self.generator.runner.loaded, engine_config) as engine:
+                streams = [
+                    engine.stream(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                    for p, n in zip(prompts, output_lens, strict=True)
+                ]
+                start = time.perf_counter()
+                counts = await asyncio.gather(*(_drain(s) for s in streams))
+                total = time.perf_counter() - start
+                stats = engine.stats()
+            ttfts = [s.metrics.ttft for s in streams if s.metrics.ttft is not None]
+            itls = [x for s in streams for x in s.metrics.inter_token_latencies]
+            return {
+                "useful_tok_s": sum(counts) / total,
+                "total_s": total,
+                "ttft_s": _percentiles(ttfts),
+                "itl_s": _percentiles(itls),
+                "preemptions": stats["preemptions"],
+            }
+
+        return asyncio.run(main())
+
+
+async def _drain(stream: Any) -> int:
+    count = 0
+    async for _ in stream:
+        count += 1
+    return count
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.50), "p99": pick(0.99)}
+
+
 class HFGenerateSystem:
     def __init__(self, model: str | None, dtype: str) -> None:
         from transformers import AutoModelForCausalLM
@@ -65,6 +112,38 @@ class HFGenerateSystem:
         return {"tok_s": len(token_ids) / total, "ttft_s": None, "token_ids": token_ids}
 
 
+    def run_workload(
+        self, prompts: list[list[int]], output_lens: list[int], batch_size: int = 8, **_: Any
+    ) -> dict[str, Any]:
+        """Static batches in arrival order, left-padded; each batch runs to its longest
+        requested output; only the requested tokens count as useful."""
+        pad = self.model.generation_config.pad_token_id or 0
+        start = time.perf_counter()
+        ttfts: list[float] = []
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first : first + batch_size]
+            lens = output_lens[first : first + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max(lens),
+                    min_new_tokens=max(lens), do_sample=False, pad_token_id=pad,
+                )
+            # HF returns nothing before the batch ends: its time to first token is the
+            # batch's completion time, measured from the start of the workload.
+            ttfts += [time.perf_counter() - start] * len(batch)
+        total = time.perf_counter() - start
+        return {
+            "useful_tok_s": sum(output_lens) / total,
+            "total_s": total,
+            "ttft_s": _percentiles(ttfts),
+            "itl_s": {"p50": float("nan"), "p99": float("nan")},
+            "preemptions": 0,
+        }
+
+
 SYSTEMS = {"streamgen": StreamgenSystem, "hf": HFGenerateSystem}
 
 
@@ -82,7 +161,12 @@ def main() -> None:
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
-        result = system.run(request["prompt_ids"], request["new_tokens"])
+        if request.get("kind") == "workload":
+            result = system.run_workload(
+                request["prompts"], request["output_lens"], **request.get("config", {})
+            )
+        else:
+            result = system.run(request["prompt_ids"], request["new_tokens"])
         out.write(json.dumps(result) + "\n")
         out.flush()
 
@@ -114,8 +198,17 @@ class WorkerProcess:
         return result
 
     def run(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+        return self._request({"prompt_ids": prompt_ids, "new_tokens": new_tokens})
+
+    def run_workload(
+        self, prompts: list[list[int]], output_lens: list[int], config: dict[str, Any]
+    ) -> dict[str, Any]:
+        request = {"kind": "workload", "prompts": prompts, "output_lens": output_lens,
+                   "config": config}
+        return self._request(request)
+
+    def _request(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        request = {"prompt_ids": prompt_ids, "new_tokens": new_tokens}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._read()
