@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fake_runner import FakeRunner
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from invariants import check_scheduler, check_scheduler_output
 
 from streamgen.kv import BlockManager
-from streamgen.runner.batch import RunnerOutput
 from streamgen.sampling_params import SamplingParams
 from streamgen.scheduler import (
     UNLIMITED_CREDIT,
@@ -20,7 +20,6 @@ from streamgen.scheduler import (
     Request,
     Scheduler,
     SchedulerConfig,
-    SchedulerOutput,
 )
 
 BLOCK_SIZE = 4
@@ -31,39 +30,6 @@ credit_strategy = st.one_of(st.just(UNLIMITED_CREDIT), st.integers(0, 3))
 
 def next_token(tokens: Sequence[int]) -> int:
     return (sum(tokens) * 31 + len(tokens)) % 97 + 3
-
-
-class KVModelRunner:
-    """Writes chunk tokens into a model of the device/host KV and samples from
-    the context read back through the block table."""
-
-    def __init__(self) -> None:
-        self.device: dict[int, dict[int, int]] = {}
-        self.host: dict[int, dict[int, int]] = {}
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        for dev, host in out.blocks_to_swap_out:
-            self.host[host] = dict(self.device.get(dev, {}))
-        for host, dev in out.blocks_to_swap_in:
-            self.device[dev] = dict(self.host[host])
-        for src, dst in out.blocks_to_copy:
-            self.device[dst] = dict(self.device.get(src, {}))
-        request_ids, token_ids = [], []
-        for chunk in out.batch.chunks:
-            table = chunk.block_table
-            for i, token in enumerate(chunk.token_ids):
-                pos = chunk.start_pos + i
-                self.device.setdefault(table[pos // BLOCK_SIZE], {})[pos % BLOCK_SIZE] = token
-            if chunk.sampling is not None:
-                context = [
-                    self.device[table[p // BLOCK_SIZE]].get(p % BLOCK_SIZE)
-                    for p in range(chunk.end_pos)
-                ]
-                known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
-                assert context == known, (chunk.request_id, context, known)
-                request_ids.append(chunk.request_id)
-                token_ids.append(next_token(known))
-        return RunnerOutput(request_ids=request_ids, token_ids=token_ids)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -80,7 +46,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         bm = BlockManager(num_blocks=10, block_size=BLOCK_SIZE, num_host_blocks=6)
         self.scheduler = Scheduler(self.config, bm, max_model_len=36)
-        self.runner = KVModelRunner()
+        self.runner = FakeRunner(BLOCK_SIZE, next_token)
         self.prompts: dict[str, list[int]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.gone: set[str] = set()

@@ -17,3 +17,6 @@ def default_model_dir() -> Path:
     from streamgen.models import default_model_path
 
     return default_model_path(progress=True)
+
+# Shared torch-free fakes (property_tests/fake_runner.py) for the scheduler tests.
+sys.path.insert(0, str(Path(__file__).parents[1] / "property_tests"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
+from fake_runner import FakeRunner
 
 from streamgen.errors import CapacityError, ConfigError, InvalidPromptError, RequestError
 from streamgen.kv import BlockManager
@@ -26,40 +27,6 @@ from streamgen.scheduler import (
 
 def next_token(tokens: Sequence[int]) -> int:
     return (sum(tokens) * 31 + len(tokens)) % 97 + 3
-
-
-class FakeRunner:
-    """Writes each chunk's tokens into its slots, then samples from what the
-    block table reads back (the model of the device and host KV)."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.device: dict[int, dict[int, int]] = {}
-        self.host: dict[int, dict[int, int]] = {}
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        bs = self.block_size
-        for dev, host in out.blocks_to_swap_out:
-            self.host[host] = dict(self.device.get(dev, {}))
-        for host, dev in out.blocks_to_swap_in:
-            self.device[dev] = dict(self.host[host])
-        for src, dst in out.blocks_to_copy:
-            self.device[dst] = dict(self.device.get(src, {}))
-        request_ids, token_ids = [], []
-        for chunk in out.batch.chunks:
-            assert len(chunk.block_table) * bs >= chunk.end_pos
-            for i, token in enumerate(chunk.token_ids):
-                pos = chunk.start_pos + i
-                self.device.setdefault(chunk.block_table[pos // bs], {})[pos % bs] = token
-            if chunk.sampling is not None:
-                context = [
-                    self.device[chunk.block_table[p // bs]][p % bs] for p in range(chunk.end_pos)
-                ]
-                known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
-                assert context == known, chunk.request_id
-                request_ids.append(chunk.request_id)
-                token_ids.append(next_token(context))
-        return RunnerOutput(request_ids=request_ids, token_ids=token_ids)
 
 
 def make_scheduler(
@@ -115,7 +82,7 @@ def run(
     max_steps: int = 2000,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, list[int]]:
-    runner = FakeRunner(s.config.block_size)
+    runner = FakeRunner(s.config.block_size, next_token)
     for req in requests:
         s.add_request(req)
     outputs: dict[str, list[int]] = {}
@@ -156,7 +123,7 @@ def test_outputs_match_reference_and_budget_is_respected() -> None:
 
 def test_chunked_prefill_of_long_prompt_mixed_with_decodes() -> None:
     s = make_scheduler(max_num_batched_tokens=16)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     s.add_request(make_request("short", [1, 2, 3], max_tokens=20))
     step(s, runner, outputs)  # short prefilled, first token out
     long_prompt = [(5 * j) % 13 for j in range(50)]
@@ -180,7 +147,7 @@ def test_chunked_prefill_of_long_prompt_mixed_with_decodes() -> None:
 
 def test_long_prefill_chunk_caps_one_request() -> None:
     s = make_scheduler(max_num_batched_tokens=64, long_prefill_chunk=8)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     s.add_request(make_request("a", list(range(30)), max_tokens=2))
     out, _ = step(s, runner, outputs)
     assert out.num_scheduled_tokens == {"a": 8}
@@ -188,7 +155,7 @@ def test_long_prefill_chunk_caps_one_request() -> None:
 
 def test_prefix_sharing_hits_cached_blocks() -> None:
     s = make_scheduler(block_size=16, max_model_len=256)
-    runner, outputs = FakeRunner(16), {}
+    runner, outputs = FakeRunner(16, next_token), {}
     prefix = [(3 * j + 1) % 17 for j in range(48)]
     s.add_request(make_request("a", [*prefix, 1, 2], max_tokens=4))
     step(s, runner, outputs)
@@ -241,7 +208,7 @@ def test_swap_falls_back_to_recompute_when_host_pool_is_full() -> None:
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_high_priority_request_preempts_full_pool(mode: str) -> None:
     s = make_scheduler(8, preemption_mode=mode, max_num_batched_tokens=64)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     for i, p in enumerate(prompts(4, 6)):
         s.add_request(make_request(f"low{i}", p, max_tokens=60))
     for _ in range(6):
@@ -260,7 +227,7 @@ def test_high_priority_request_preempts_full_pool(mode: str) -> None:
 
 def test_priority_wins_a_slot_at_max_num_seqs() -> None:
     s = make_scheduler(max_num_seqs=2)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     s.add_request(make_request("a", [1, 2], max_tokens=50))
     s.add_request(make_request("b", [3, 4], max_tokens=50))
     step(s, runner, outputs)
@@ -290,7 +257,7 @@ def test_equal_priority_requests_do_not_ping_pong(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_abort_frees_blocks_in_every_state(mode: str) -> None:
     s = make_scheduler(6, preemption_mode=mode)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     for i, p in enumerate(prompts(4, 7)):
         s.add_request(make_request(f"r{i}", p, max_tokens=30))
     for _ in range(8):
@@ -309,7 +276,7 @@ def test_abort_frees_blocks_in_every_state(mode: str) -> None:
 
 def test_abort_between_schedule_and_update_drops_its_token() -> None:
     s = make_scheduler()
-    runner = FakeRunner(4)
+    runner = FakeRunner(4, next_token)
     s.add_request(make_request("a", [1, 2, 3]))
     s.add_request(make_request("b", [3, 2, 1]))
     out = s.schedule()
@@ -321,7 +288,7 @@ def test_abort_between_schedule_and_update_drops_its_token() -> None:
 
 def test_zero_credit_pauses_request_and_credit_resumes_it() -> None:
     s = make_scheduler()
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     s.add_request(make_request("slow", [1, 2, 3], max_tokens=10, credit=2))
     s.add_request(make_request("fast", [3, 2, 1], max_tokens=10))
     for _ in range(6):
@@ -337,7 +304,7 @@ def test_zero_credit_pauses_request_and_credit_resumes_it() -> None:
 def test_finish_on_eos_stop_ids_and_context_limit() -> None:
     eos = next_token([1, 2, 3])
     s = make_scheduler(eos_token_ids=[eos], max_model_len=8)
-    runner = FakeRunner(4)
+    runner = FakeRunner(4, next_token)
     s.add_request(make_request("eos", [1, 2, 3]))
     ignore = Request("ignore", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
     s.add_request(ignore)
@@ -399,7 +366,7 @@ def test_update_rejects_output_that_does_not_match_the_schedule() -> None:
 
 def test_stats_count_queues_and_preemptions() -> None:
     s = make_scheduler(max_num_seqs=1)
-    runner, outputs = FakeRunner(4), {}
+    runner, outputs = FakeRunner(4, next_token), {}
     s.add_request(make_request("a", [1, 2], max_tokens=3))
     s.add_request(make_request("b", [2, 1], max_tokens=3))
     step(s, runner, outputs)
