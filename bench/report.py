@@ -18,12 +18,19 @@ the systems within one run; ratios compare systems measured in the same run.
 """
 
 
+def _header(record: dict[str, Any]) -> list[str]:
+    """Scenario, date, command, commit and machine of a record."""
+    return [
+        f"## {record['scenario']} — {record['date']}",
+        "",
+        f"- command: `{record.get('command', 'python -m bench ' + record['scenario'])}`",
+        f"- commit: `{record['commit']}`; machine: {record['machine']}",
+    ]
+
+
 def _latency_section(record: dict[str, Any]) -> str:
     lines = [
-        f"## latency — {record['date']}",
-        "",
-        f"- command: `{record.get('command', 'python -m bench latency')}`",
-        f"- commit: `{record['commit']}`; machine: {record['machine']}",
+        *_header(record),
         f"- batch 1, {record['threads']} threads, median of {record['repeats']} repetitions; "
         "greedy, EOS ignored, same weights and dtype for both systems",
         "",
@@ -51,10 +58,7 @@ def _latency_section(record: dict[str, Any]) -> str:
 
 def _throughput_section(record: dict[str, Any]) -> str:
     lines = [
-        f"## throughput — {record['date']}",
-        "",
-        f"- command: `{record['command']}`",
-        f"- commit: `{record['commit']}`; machine: {record['machine']}",
+        *_header(record),
         f"- all requests submitted at once, {record['threads']} threads, "
         f"median of {record['repeats']}; greedy, EOS ignored; HF = `generate` in static "
         "batches of 8 (useful tokens only)",
