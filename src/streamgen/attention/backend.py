@@ -14,6 +14,13 @@ one decode token) are concatenated. Sequence ``b`` owns query rows
 ``query_start_loc[b]:query_start_loc[b+1]``; its context after this step is
 ``seq_lens[b]`` tokens, so its first new token sits at position
 ``seq_lens[b] - query_lens[b]`` (bottom-right causal alignment).
+
+Token trees (speculative verification): a sequence's new tokens may be the
+nodes of a draft tree instead of a causal run. They still occupy the slots
+``seq_lens[b] - query_lens[b] ..`` in order, but ``tree_mask`` says which of
+the sequence's own new tokens each new token sees (itself and its
+ancestors); the cached prefix is always visible. Rotary positions come from
+the model's ``positions`` input (prefix length + depth), not from the slot.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ class AttentionMetadata:
     seq_lens_list: tuple[int, ...]
     block_size: int
     sliding_window: int | None = None
+    # None: every chunk is causal. Otherwise row t (a new token of sequence b)
+    # column j says whether t sees new token j of the same sequence (j indexes
+    # b's own chunk; columns >= query_lens[b] are False). Causal chunks have a
+    # lower-triangular block here. Not combined with sliding_window.
+    tree_mask: torch.Tensor | None = None  # [num_tokens, max_query_len] bool
 
     @property
     def num_seqs(self) -> int:
