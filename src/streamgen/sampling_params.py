@@ -61,6 +61,12 @@ class SamplingParams:
             none. In ``[0, 20]``.
         seed: Makes the request's samples reproducible whatever else is in
             the batch; ``None`` draws from the engine's generator.
+        speculation: Speculative decoding for this request: ``None`` follows
+            the engine (``EngineConfig.speculation``), ``False`` turns it off,
+            ``True`` asks for it (a no-op on an engine without a drafter).
+            Output distribution is the same either way (greedy output is
+            identical); with a ``seed``, sampled tokens are reproducible per
+            setting but differ between the two.
 
     Raises:
         InvalidSamplingParamsError: a field has the wrong type, is NaN or
@@ -94,6 +100,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     seed: int | None = None
+    speculation: bool | None = None
 
     def __post_init__(self) -> None:
         temperature = _real("temperature", self.temperature)
@@ -131,6 +138,8 @@ class SamplingParams:
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise _error("logprobs", f"must be in [0, {MAX_LOGPROBS}] or None", self.logprobs)
         seed = None if self.seed is None else _integer("seed", self.seed)
+        if self.speculation is not None and not isinstance(self.speculation, bool):
+            raise _error("speculation", "must be None or a bool", self.speculation)
 
         normalized = {
             "temperature": temperature,

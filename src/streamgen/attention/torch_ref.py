@@ -133,6 +133,9 @@ def _make_plan(metadata: AttentionMetadata, seqs: list[int]) -> _GroupPlan:
     seq_index = torch.tensor(seqs, dtype=torch.int64, device=device)
     covers_batch = seqs == list(range(metadata.num_seqs)) and bool(valid.all())
     mask, is_causal, kv_len = _mask(metadata, q_lens, s_lens, valid, num_blocks * block_size)
+    if metadata.tree_mask is not None and max_q > 1:
+        mask = _apply_tree_mask(mask, metadata.tree_mask.cpu(), query_index, q_lens, s_lens)
+        is_causal, kv_len = False, num_blocks * block_size
     return _GroupPlan(
         query_index=query_index.to(device),
         valid_index=valid.view(-1).nonzero().view(-1).to(device),
@@ -155,7 +158,10 @@ def _mask(
     """(mask [seqs, max_q, kv_len] or None, is_causal, kv_len) for a group."""
     window = metadata.sliding_window
     seq_len, q_len = int(s_lens[0]), int(q_lens[0])
-    if len(s_lens) == 1 and (window is None or seq_len <= window) and q_len in (1, seq_len):
+    plain = window is None or seq_len <= window
+    if metadata.tree_mask is not None and q_len > 1:
+        plain = False  # the tree overrides the causal part: build the full mask
+    if len(s_lens) == 1 and plain and q_len in (1, seq_len):
         # One sequence, keys cut to its length: a decode sees every key, a whole
         # prompt is plain causal. No mask tensor needed (SDPA's fastest path).
         return None, q_len > 1, seq_len
@@ -168,3 +174,24 @@ def _mask(
     if window is not None:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
     return mask, False, ctx
+
+
+def _apply_tree_mask(
+    mask: torch.Tensor | None,  # [seqs, max_q, ctx] causal mask of the group
+    tree_mask: torch.Tensor,  # [num_tokens, max_query_len] bool (AttentionMetadata.tree_mask)
+    query_index: torch.Tensor,  # [seqs, max_q] flat row of each query slot
+    q_lens: torch.Tensor,  # [seqs]
+    s_lens: torch.Tensor,  # [seqs]
+) -> torch.Tensor:  # [seqs, max_q, ctx]
+    """Replace the causal part (the sequence's own new tokens) by the tree visibility."""
+    assert mask is not None
+    ctx = mask.shape[2]
+    prefix = (s_lens - q_lens)[:, None, None]  # [seqs, 1, 1]
+    k_pos = torch.arange(ctx)[None, None, :]  # [1, 1, ctx]
+    own = (k_pos >= prefix) & (k_pos < s_lens[:, None, None])  # [seqs, 1, ctx]
+    rows = tree_mask[query_index]  # [seqs, max_q, max_query_len]
+    column = (k_pos - prefix).clamp(0, rows.shape[2] - 1).expand(*rows.shape[:2], ctx)
+    sees_own = rows.gather(2, column)  # [seqs, max_q, ctx]
+    valid = torch.arange(mask.shape[1])[None, :] < q_lens[:, None]  # [seqs, max_q]
+    tree = torch.where(own, sees_own, k_pos < prefix)
+    return torch.where(valid[:, :, None], tree, mask)

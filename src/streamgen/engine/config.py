@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamgen.errors import ConfigError
+from streamgen.spec.config import SpeculationConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int | None = None
+    speculation: SpeculationConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         positive = {
@@ -57,6 +59,9 @@ class EngineConfig:
         if self.preemption_mode not in ("recompute", "swap"):
             raise ConfigError(f"preemption_mode must be 'recompute' or 'swap', "
                               f"got {self.preemption_mode!r}")
+        if self.speculation is not None and not isinstance(self.speculation, SpeculationConfig):
+            raise ConfigError(f"speculation must be a SpeculationConfig or None, "
+                              f"got {type(self.speculation).__name__}")
         if self.preemption_mode == "swap" and self.num_host_blocks == 0:
             raise ConfigError("preemption_mode='swap' needs num_host_blocks > 0")
 

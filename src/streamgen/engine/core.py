@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from streamgen.engine.events import (
@@ -31,8 +32,13 @@ from streamgen.engine.events import (
     TokenEvent,
 )
 from streamgen.errors import EngineDeadError, StreamgenError
+from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.model_runner import ModelRunner
-from streamgen.scheduler import FinishReason, Request, Scheduler
+from streamgen.scheduler import FinishReason, Request, RequestStatus, Scheduler, SchedulerOutput
+from streamgen.spec.drafter import Drafter, DraftInput
+from streamgen.spec.metrics import SpeculationMetrics
+from streamgen.spec.policy import SpeculationPolicy
+from streamgen.spec.tree import DraftTree
 from streamgen.text import IncrementalDetokenizer, StopStringMatcher
 
 logger = logging.getLogger(__name__)
@@ -57,11 +63,20 @@ class EngineCore:
         runner: ModelRunner,
         tokenizer: Any,
         deliver: Callable[[StepEvents], None],
+        *,
+        drafter: Drafter | None = None,
+        policy: SpeculationPolicy | None = None,
+        speculate_by_default: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self._deliver = deliver
+        self.drafter = drafter
+        self.policy = policy
+        self._speculate_by_default = speculate_by_default
+        self.speculation = SpeculationMetrics()
+        self._spec_metrics: dict[str, SpeculationMetrics] = {}
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._text: dict[str, _TextState] = {}
         self._thread = threading.Thread(target=self._run, name="streamgen-core", daemon=True)
@@ -72,9 +87,12 @@ class EngineCore:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request) -> None:
-        """Queue a validated request (validation already raised on the caller's side)."""
-        self._inbox.put(request)
+    def submit(self, request: Request, spec_metrics: SpeculationMetrics | None = None) -> None:
+        """Queue a validated request (validation already raised on the caller's side).
+
+        ``spec_metrics`` is updated in place by this thread as the request speculates.
+        """
+        self._inbox.put((request, spec_metrics or SpeculationMetrics()))
 
     def send(self, command: Abort | SetPriority | Credit | Shutdown) -> None:
         self._inbox.put(command)
@@ -117,9 +135,11 @@ class EngineCore:
             self._apply(item)
 
     def _apply(self, item: Any) -> None:
-        if isinstance(item, Request):
-            self._text[item.request_id] = self._make_text_state(item)
-            self.scheduler.add_request(item)
+        if isinstance(item, tuple):
+            request, spec_metrics = item
+            self._text[request.request_id] = self._make_text_state(request)
+            self._spec_metrics[request.request_id] = spec_metrics
+            self.scheduler.add_request(request)
         elif isinstance(item, Abort):
             if self.scheduler.abort_request(item.request_id):
                 self._finish(item.request_id, FinishReason.ABORT)
@@ -135,15 +155,23 @@ class EngineCore:
         return _TextState(IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids), stop)
 
     def _step(self) -> bool:
+        self._set_draft_budgets()
         output = self.scheduler.schedule()
         if output.is_empty:
             return False
         self.num_steps += 1
         try:
+            for rid in output.preempted_ids:
+                if self.drafter is not None:
+                    self.drafter.reset(rid)
             self.runner.apply_block_ops(
                 output.blocks_to_swap_out, output.blocks_to_swap_in, output.blocks_to_copy
             )
-            result = self.runner.execute(output.batch)
+            batch, trees = self._attach_drafts(output)
+            started = time.perf_counter()
+            result = self.runner.execute(batch)
+            seconds = time.perf_counter() - started
+            self._record_speculation(batch, trees, result, seconds)
             token_events = self.scheduler.update(result)
         except Exception as exc:  # fail this step's requests, keep serving the rest
             logger.exception("step failed")
@@ -153,33 +181,130 @@ class EngineCore:
             for rid in failed:
                 self.scheduler.abort_request(rid)
                 self._text.pop(rid, None)
+                self._forget(rid)
                 events[rid] = [StreamError(error)]
             self._deliver(events)
             return True
-        logprobs = dict(zip(result.request_ids, result.logprobs, strict=True))
+        logprobs: dict[str, list[float]] = {}
+        for rid, logprob in zip(result.request_ids, result.logprobs, strict=True):
+            logprobs.setdefault(rid, []).append(logprob)
         self._publish(token_events, logprobs)
         return True
 
-    def _publish(self, token_events: list[Any], logprobs: dict[str, float]) -> None:
+    # ----- speculation ---------------------------------------------------------------
+
+    def _wants_speculation(self, request: Request) -> bool:
+        choice = request.params.speculation
+        return self._speculate_by_default if choice is None else choice
+
+    def _set_draft_budgets(self) -> None:
+        """Give each running request this step's draft budget from the policy."""
+        if self.drafter is None or self.policy is None:
+            return
+        sched = self.scheduler
+        running = [sched.get_request(rid) for rid in sched.running_ids()]
+        decoding = [
+            r for r in running
+            if r is not None and r.num_tokens - r.num_computed_tokens == 1
+        ]
+        for req in decoding:
+            if self._wants_speculation(req):
+                nodes, depth = self.policy.budget(req.request_id, len(decoding))
+            else:
+                nodes, depth = 0, 0
+            req.max_draft_nodes, req.max_draft_depth = nodes, depth
+
+    def _attach_drafts(self, output: SchedulerOutput) -> tuple[ModelBatch, dict[str, DraftTree]]:
+        """Ask the drafter for the trees the scheduler made room for; put them in the batch."""
+        budgets = output.draft_budgets
+        if self.drafter is None or not budgets:
+            return output.batch, {}
+        started = time.perf_counter()
+        inputs: list[DraftInput] = []
+        for chunk in output.batch.chunks:
+            budget = budgets.get(chunk.request_id)
+            req = self.scheduler.get_request(chunk.request_id)
+            if budget is None or req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            inputs.append(DraftInput(
+                chunk.request_id, req.prompt_token_ids, req.output_token_ids,
+                req.num_computed_tokens, chunk.block_table, *budget,
+            ))
+        proposals = self.drafter.propose(inputs)
+        trees = {
+            inp.request_id: tree.truncate(inp.max_nodes).limit_depth(inp.max_depth)
+            for inp, tree in zip(inputs, proposals, strict=True)
+        }
+        trees = {rid: tree for rid, tree in trees.items() if len(tree)}
+        seconds = time.perf_counter() - started
+        self.speculation.draft_seconds += seconds
+        if self.policy is not None:
+            self.policy.observe_draft(sum(len(t) for t in trees.values()), seconds)
+        if not trees:
+            return output.batch, {}
+        chunks = [
+            chunk if chunk.request_id not in trees else replace(
+                chunk,
+                token_ids=[*chunk.token_ids, *trees[chunk.request_id].tokens],
+                tree=trees[chunk.request_id],
+            )
+            for chunk in output.batch.chunks
+        ]
+        return ModelBatch(chunks), trees
+
+    def _record_speculation(
+        self, batch: ModelBatch, trees: dict[str, DraftTree], result: RunnerOutput, seconds: float
+    ) -> None:
+        if self.policy is not None:
+            self.policy.observe_step(batch.num_tokens, seconds)
+        if not trees:
+            return
+        self.speculation.verify_seconds += seconds
+        emitted: dict[str, int] = {}
+        for rid in result.request_ids:
+            emitted[rid] = emitted.get(rid, 0) + 1
+        for rid, tree in trees.items():
+            accepted = emitted.get(rid, 1) - 1
+            self.speculation.record(len(tree), accepted)
+            metrics = self._spec_metrics.get(rid)
+            if metrics is not None:
+                metrics.record(len(tree), accepted)
+            if self.policy is not None:
+                self.policy.observe_verify(rid, tree.max_depth, accepted)
+
+    def _forget(self, request_id: str) -> None:
+        self._spec_metrics.pop(request_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(request_id)
+        if self.policy is not None:
+            self.policy.forget(request_id)
+
+    # ----- publishing ----------------------------------------------------------------
+
+    def _publish(self, token_events: list[Any], logprobs: dict[str, list[float]]) -> None:
         events: StepEvents = {}
         for rid, token_ids, finish in token_events:
             state = self._text.get(rid)
             if state is None:
                 continue
             out = events.setdefault(rid, [])
-            for token_id in token_ids:
+            token_logprobs = logprobs.get(rid, [])
+            for k, token_id in enumerate(token_ids):
                 text, stopped = self._text_delta(state, [token_id])
-                finish_now = finish
+                last = k == len(token_ids) - 1
+                finish_now = finish if last else None
                 if stopped:
                     self.scheduler.abort_request(rid)
                     finish_now = FinishReason.STOP
-                elif finish is not None:
+                elif finish_now is not None:
                     text += self._flush_text(state)
-                out.append(TokenEvent(token_id, text, logprobs.get(rid, 0.0), state.num_emitted,
+                logprob = token_logprobs[k] if k < len(token_logprobs) else 0.0
+                out.append(TokenEvent(token_id, text, logprob, state.num_emitted,
                                       None if finish_now is None else finish_now.value))
                 state.num_emitted += 1
                 if finish_now is not None:
                     del self._text[rid]
+                    self._forget(rid)
                     break
         if events:
             self._deliver(events)
@@ -202,6 +327,7 @@ class EngineCore:
         return text + state.stop.flush()
 
     def _finish(self, request_id: str, reason: FinishReason) -> None:
+        self._forget(request_id)
         state = self._text.pop(request_id, None)
         if state is not None:
             self._deliver({request_id: [StreamEnd(reason.value)]})

@@ -29,6 +29,8 @@ from streamgen.runner.model_runner import ModelRunner
 from streamgen.runner.sampler import Sampler
 from streamgen.sampling_params import SamplingParams
 from streamgen.scheduler import Request, Scheduler, SchedulerConfig
+from streamgen.spec.factory import make_drafter
+from streamgen.spec.policy import SpeculationPolicy
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 LONG_PROMPT_CHARS = 4096  # longer text prompts are tokenized off the event loop
@@ -95,7 +97,13 @@ class Engine:
         def deliver(events: StepEvents) -> None:
             schedule_on_loop(self._dispatch, events)
 
-        self._core = EngineCore(scheduler, runner, loaded.tokenizer, deliver)
+        drafter, policy = None, None
+        if cfg.speculation is not None:
+            drafter = make_drafter(cfg.speculation, loaded, runner)
+            policy = SpeculationPolicy(cfg.speculation)
+        self._core = EngineCore(
+            scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy
+        )
         self._core.start()
         return self
 
@@ -171,12 +179,14 @@ class Engine:
         if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
             async def submit_later() -> None:
                 token_ids = await anyio.to_thread.run_sync(self._tokenize, prompt)
-                self._submit(core, make_request(token_ids), send)
+                self._submit(core, make_request(token_ids), send, stream)
 
-            return RequestStream(request_id, receive, self, submit_later)
+            stream = RequestStream(request_id, receive, self, submit_later)
+            return stream
         request = make_request(self._tokenize(prompt))
-        self._submit(core, request, send)
-        return RequestStream(request_id, receive, self)
+        stream = RequestStream(request_id, receive, self)
+        self._submit(core, request, send, stream)
+        return stream
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
@@ -206,6 +216,9 @@ class Engine:
             "kv_blocks_cached": blocks.num_cached_blocks,
             "steps": core.num_steps,
             "attention_backend": core.runner.backend.name,
+            "speculation": None if core.drafter is None else {
+                "method": core.drafter.name, **core.speculation.as_dict()
+            },
         }
 
     @property
@@ -243,10 +256,14 @@ class Engine:
         return token_ids
 
     def _submit(
-        self, core: EngineCore, request: Request, send: MemoryObjectSendStream[Any]
+        self,
+        core: EngineCore,
+        request: Request,
+        send: MemoryObjectSendStream[Any],
+        stream: RequestStream,
     ) -> None:
         self._senders[request.request_id] = send
-        core.submit(request)
+        core.submit(request, stream.metrics.speculation)
 
     def _dispatch(self, events: StepEvents) -> None:
         """On the event loop: push one step's events into the streams (never blocks)."""

@@ -23,6 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from streamgen.engine.events import StreamEnd, StreamError, TokenEvent
+from streamgen.spec.metrics import SpeculationMetrics
 
 
 @dataclass(slots=True)
@@ -32,6 +33,8 @@ class RequestMetrics:
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # Updated by the engine's core thread while the request speculates.
+    speculation: SpeculationMetrics = field(default_factory=SpeculationMetrics)
 
     @property
     def ttft(self) -> float | None:

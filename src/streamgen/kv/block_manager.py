@@ -262,6 +262,26 @@ class BlockManager:
                 copies.append((old_id, new_id))
         return copies
 
+    def trim(self, request_id: str, num_tokens: int) -> list[int]:
+        """Release the request's blocks beyond those holding ``num_tokens`` tokens.
+
+        Used after speculative verification: the slots of rejected draft
+        tokens are given back. Only blocks past the computed tokens can go
+        (they hold no hashed content). Returns the released block ids.
+        """
+        req = self._get_on_device(request_id)
+        keep = self._num_blocks_for(num_tokens)
+        if keep * self.block_size < req.num_computed_tokens:
+            raise ValueError(
+                f"cannot trim {request_id!r} to {num_tokens} tokens: "
+                f"{req.num_computed_tokens} are computed"
+            )
+        released = req.block_ids[keep:]
+        del req.block_ids[keep:]
+        for block in reversed(released):
+            self._release(block)
+        return released
+
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares every block of the parent (refcount +1 each)."""
         parent = self._get_on_device(parent_id)

@@ -125,11 +125,15 @@ class LlamaModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v)
         metadata: AttentionMetadata,
         backend: AttentionBackend,
+        num_layers: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
+        """Runs the first ``num_layers`` layers (all by default; fewer for the
+        self-speculative drafter), then the final norm."""
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
         return self.norm.forward(x)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from streamgen.sampling_params import SamplingParams
+from streamgen.spec.tree import DraftTree
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,11 @@ class SequenceChunk:
     ``block_table`` must cover positions ``0 .. start_pos + len(token_ids) - 1``.
     ``sampling`` is None for a prefill chunk that does not reach the end of
     the prompt (nothing to sample yet).
+
+    With a ``tree`` (speculative verification) the chunk is the root (the
+    request's last token) followed by ``tree.tokens``; they fill the slots
+    from ``start_pos`` on in that order, row ``i`` sits at position
+    ``start_pos + tree.position_offsets()[i]``, and every row is verified.
     """
 
     request_id: str
@@ -44,6 +50,7 @@ class SequenceChunk:
     start_pos: int
     block_table: Sequence[int]
     sampling: SamplingRequest | None = None
+    tree: DraftTree | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +75,12 @@ class ModelBatch:
 
 @dataclass(frozen=True, slots=True)
 class RunnerOutput:
-    """Sampled tokens, one entry per chunk that asked to sample, in batch order."""
+    """Emitted tokens, one entry per token, grouped by request in batch order.
+
+    A chunk that samples emits one token; a verified tree emits its accepted
+    draft tokens and one more, so its request id repeats. ``logprobs`` and
+    ``top_logprobs`` are per token, aligned with ``token_ids``.
+    """
 
     request_ids: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)

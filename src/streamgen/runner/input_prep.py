@@ -12,7 +12,7 @@ import torch
 
 from streamgen.attention.backend import AttentionMetadata
 from streamgen.errors import InvalidPromptError
-from streamgen.runner.batch import ModelBatch
+from streamgen.runner.batch import ModelBatch, SequenceChunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,10 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # [num_sampled] int64, last token row of each sampling chunk
+    sample_rows: torch.Tensor  # [num_sampled] int64, rows whose logits are needed
     sample_chunk_indices: tuple[int, ...]  # which chunks sample, in batch order
+    # Rows of sample_rows per sampling chunk: 1, or 1 + tree size for a tree chunk.
+    sample_row_counts: tuple[int, ...] = ()
 
 
 def prepare_inputs(
@@ -42,6 +44,8 @@ def prepare_inputs(
     query_start_loc = [0]
     sample_rows: list[int] = []
     sample_chunks: list[int] = []
+    sample_row_counts: list[int] = []
+    trees: list[tuple[int, SequenceChunk]] = []  # (first row, chunk)
     max_blocks = max((len(c.block_table) for c in batch.chunks), default=1)
     block_tables: list[list[int]] = []
     for index, chunk in enumerate(batch.chunks):
@@ -58,14 +62,26 @@ def prepare_inputs(
             raise InvalidPromptError(
                 f"request {chunk.request_id!r}: token id outside the vocabulary [0, {vocab_size})"
             )
+        first_row = len(input_ids)
         input_ids.extend(chunk.token_ids)
         for pos in range(chunk.start_pos, chunk.end_pos):
-            positions.append(pos)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
+        if chunk.tree is None:
+            positions.extend(range(chunk.start_pos, chunk.end_pos))
+        else:
+            if len(chunk.tree) + 1 != chunk.num_tokens:
+                raise InvalidPromptError(
+                    f"request {chunk.request_id!r}: a tree chunk holds the root and "
+                    f"{len(chunk.tree)} nodes, got {chunk.num_tokens} tokens"
+                )
+            positions.extend(chunk.start_pos + d for d in chunk.tree.position_offsets())
+            trees.append((first_row, chunk))
         query_start_loc.append(len(input_ids))
         block_tables.append(table + [0] * (max_blocks - len(table)))
         if chunk.sampling is not None:
-            sample_rows.append(len(input_ids) - 1)
+            num_rows = 1 if chunk.tree is None else chunk.num_tokens
+            sample_rows.extend(range(len(input_ids) - num_rows, len(input_ids)))
+            sample_row_counts.append(num_rows)
             sample_chunks.append(index)
 
     def as_tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
@@ -80,6 +96,7 @@ def prepare_inputs(
         seq_lens_list=tuple(c.end_pos for c in batch.chunks),
         block_size=block_size,
         sliding_window=sliding_window,
+        tree_mask=_tree_mask(batch, trees, len(input_ids), device) if trees else None,
     )
     return StepInputs(
         input_ids=as_tensor(input_ids),
@@ -87,4 +104,26 @@ def prepare_inputs(
         metadata=metadata,
         sample_rows=as_tensor(sample_rows),
         sample_chunk_indices=tuple(sample_chunks),
+        sample_row_counts=tuple(sample_row_counts),
     )
+
+
+def _tree_mask(
+    batch: ModelBatch,
+    trees: list[tuple[int, SequenceChunk]],
+    num_tokens: int,
+    device: torch.device,
+) -> torch.Tensor:  # [num_tokens, max_query_len] bool
+    """Causal (lower-triangular) blocks for plain chunks, tree visibility for tree chunks."""
+    max_q = max(c.num_tokens for c in batch.chunks)
+    mask = torch.zeros(num_tokens, max_q, dtype=torch.bool)
+    row = 0
+    for chunk in batch.chunks:
+        n = chunk.num_tokens
+        mask[row : row + n, :n] = torch.ones(n, n, dtype=torch.bool).tril_()
+        row += n
+    for first_row, chunk in trees:
+        assert chunk.tree is not None
+        n = chunk.num_tokens
+        mask[first_row : first_row + n, :n] = torch.tensor(chunk.tree.visibility())
+    return mask.to(device)

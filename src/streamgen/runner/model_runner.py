@@ -12,10 +12,11 @@ import torch
 from streamgen.attention.backend import AttentionBackend
 from streamgen.attention.registry import create_backend
 from streamgen.model.loader import LoadedModel
-from streamgen.runner.batch import ModelBatch, RunnerOutput
+from streamgen.runner.batch import ModelBatch, RunnerOutput, SequenceChunk
 from streamgen.runner.input_prep import StepInputs, prepare_inputs
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache, copy_blocks
 from streamgen.runner.sampler import Sampler
+from streamgen.spec.verify import accepted_kv_moves, move_kv, verify_trees
 
 
 class ModelRunner:
@@ -95,15 +96,21 @@ class ModelRunner:
         return self.loaded.model.compute_logits(hidden)
 
     def execute(self, batch: ModelBatch) -> RunnerOutput:
-        """Run one step and sample the next token of every chunk that asks for it."""
+        """Run one step: sample the next token of every chunk that asks for it,
+        and verify every draft tree (moving accepted drafts' K/V into place)."""
         inputs = self.prepare(batch)
         if not batch.chunks:
             return RunnerOutput()
         hidden = self.forward_hidden(inputs)
         if not inputs.sample_chunk_indices:
             return RunnerOutput()
-        logits = self.loaded.model.compute_logits(hidden[inputs.sample_rows])
+        logits = self.loaded.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         chunks = [batch.chunks[i] for i in inputs.sample_chunk_indices]
+        if all(c.tree is None for c in chunks):
+            return self._sample(logits, chunks)
+        return self._sample_and_verify(logits, chunks, inputs.sample_row_counts)
+
+    def _sample(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> RunnerOutput:
         requests = [c.sampling for c in chunks if c.sampling is not None]
         result = self.sampler.sample(logits, requests)
         return RunnerOutput(
@@ -112,3 +119,51 @@ class ModelRunner:
             logprobs=result.logprobs,
             top_logprobs=result.top_logprobs,
         )
+
+    def _sample_and_verify(
+        self,
+        logits: torch.Tensor,  # [rows, vocab]
+        chunks: list[SequenceChunk],
+        row_counts: tuple[int, ...],
+    ) -> RunnerOutput:
+        starts = [0]
+        for count in row_counts:
+            starts.append(starts[-1] + count)
+        plain = [i for i, c in enumerate(chunks) if c.tree is None]
+        trees = [i for i, c in enumerate(chunks) if c.tree is not None]
+        tree_rows = [r for i in trees for r in range(starts[i], starts[i + 1])]
+        device = logits.device
+        verified = verify_trees(
+            logits.index_select(0, torch.tensor(tree_rows, device=device)),
+            [chunks[i] for i in trees],
+            self.sampler,
+        )
+        src, dst = accepted_kv_moves([chunks[i] for i in trees], verified, self.block_size)
+        move_kv(self.kv_cache.layers, src, dst)
+        sampled = (
+            self._sample(
+                logits.index_select(0, torch.tensor([starts[i] for i in plain], device=device)),
+                [chunks[i] for i in plain],
+            )
+            if plain
+            else RunnerOutput()
+        )
+        # Reassemble in batch order, one entry per emitted token.
+        by_chunk: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] = {}
+        for j, i in enumerate(plain):
+            top = sampled.top_logprobs[j] if sampled.top_logprobs is not None else []
+            by_chunk[i] = [(sampled.token_ids[j], sampled.logprobs[j], top)]
+        for i, result in zip(trees, verified, strict=True):
+            tops = result.top_logprobs or [[] for _ in result.logprobs]
+            by_chunk[i] = list(
+                zip(result.acceptance.token_ids, result.logprobs, tops, strict=True)
+            )
+        output = RunnerOutput(top_logprobs=[])
+        for i, chunk in enumerate(chunks):
+            for token, logprob, top in by_chunk[i]:
+                output.request_ids.append(chunk.request_id)
+                output.token_ids.append(token)
+                output.logprobs.append(logprob)
+                assert output.top_logprobs is not None
+                output.top_logprobs.append(top)
+        return output

@@ -24,6 +24,10 @@ class SchedulerOutput:
         blocks_to_swap_out: ``(device, host)`` copies of preempted requests.
         blocks_to_swap_in: ``(host, device)`` copies of resumed requests.
         preempted_ids: Requests preempted this step, in order.
+        draft_budgets: request id -> ``(max_nodes, max_depth)`` of the draft
+            tree it may verify this step; its blocks already cover the root
+            plus ``max_nodes`` slots. The batch holds only the root: the
+            engine asks the drafter and attaches the tree to the chunk.
     """
 
     batch: ModelBatch
@@ -32,6 +36,7 @@ class SchedulerOutput:
     blocks_to_swap_out: list[BlockCopy] = field(default_factory=list)
     blocks_to_swap_in: list[BlockCopy] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    draft_budgets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -62,6 +67,7 @@ class StepState:
     copies: list[BlockCopy] = field(default_factory=list)
     swap_out: list[BlockCopy] = field(default_factory=list)
     swap_in: list[BlockCopy] = field(default_factory=list)
+    draft_budgets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def victim_key(req: Request) -> tuple[bool, int, int]:

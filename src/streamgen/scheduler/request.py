@@ -59,6 +59,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Speculation: the largest draft tree this request may verify in a step
+    # (set by the engine's speculation policy; 0 nodes = plain decoding).
+    max_draft_nodes: int = 0
+    max_draft_depth: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -96,6 +96,7 @@ class Scheduler:
         self._waiting: list[Request] = []
         self._swapped: list[Request] = []
         self._last_scheduled: dict[str, int] = {}
+        self._last_drafts: dict[str, tuple[int, int]] = {}
         self._next_arrival = 0
         self._num_preemptions = 0
 
@@ -184,6 +185,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING or req.credit <= 0:
                 continue
             num_new = blocks.num_new_tokens(req, req.num_computed_tokens, step.budget, self.config)
+            if self._reserve_draft(req, num_new, step):
+                continue
             while not blocks.grow(self.block_manager, req, req.num_computed_tokens + num_new, step):
                 victim = min(
                     [r for r in self._running if r.request_id not in step.scheduled],
@@ -205,6 +208,7 @@ class Scheduler:
                 break  # strict priority order: nothing lower jumps ahead
 
         self._last_scheduled = step.scheduled
+        self._last_drafts = step.draft_budgets
         return self._build_output(step)
 
     def update(self, output: RunnerOutput) -> list[TokenEvent]:
@@ -212,7 +216,10 @@ class Scheduler:
 
         Requests aborted since that schedule are skipped.
         """
-        sampled = dict(zip(output.request_ids, output.token_ids, strict=True))
+        sampled: dict[str, list[int]] = {}
+        for rid, token in zip(output.request_ids, output.token_ids, strict=True):
+            sampled.setdefault(rid, []).append(token)
+        drafts = self._last_drafts
         live = self._last_scheduled  # aborted requests were already dropped from it
         expected = {
             rid
@@ -227,24 +234,71 @@ class Scheduler:
                 f"runner output does not match the schedule: unexpected {sorted(unexpected)}, "
                 f"missing {sorted(missing)}"
             )
+        bad = [rid for rid in expected if len(sampled[rid]) > 1 and rid not in drafts]
+        if bad:
+            raise ValueError(f"runner emitted several tokens for non-speculating {sorted(bad)}")
         self._last_scheduled = {}
+        self._last_drafts = {}
         events: list[TokenEvent] = []
+        bm = self.block_manager
         for rid, num_new in live.items():
             req = self._requests[rid]
             req.num_computed_tokens += num_new
-            self.block_manager.commit_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
             if rid not in expected:
+                bm.commit_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
                 continue
-            token = sampled[rid]
-            req.output_token_ids.append(token)
-            req.credit -= 1
-            reason = req.finish_check(token, self.eos_token_ids, self._context_limit)
-            events.append((rid, [token], reason))
+            tokens = sampled[rid]
+            # Accepted draft tokens are computed (their K/V was moved into place);
+            # the last token is new, like a plain step's sample.
+            num_computed = req.num_computed_tokens + len(tokens) - 1
+            emitted: list[int] = []
+            reason = None
+            for token in tokens:
+                req.output_token_ids.append(token)
+                req.credit -= 1
+                emitted.append(token)
+                reason = req.finish_check(token, self.eos_token_ids, self._context_limit)
+                if reason is not None:
+                    break
+            req.num_computed_tokens = min(num_computed, req.num_tokens)
+            bm.commit_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
+            if rid in drafts and reason is None:
+                bm.trim(rid, req.num_tokens)  # give back the rejected drafts' slots
+            events.append((rid, emitted, reason))
             if reason is not None:
                 self._finish(req, reason)
         return events
 
     # ----- internals ----------------------------------------------------------------
+
+    def _reserve_draft(self, req: Request, num_new: int, step: StepState) -> bool:
+        """Schedule a decode with room for a draft tree, if it fits without preempting.
+
+        The tree is cut to what the step can use: the token budget, the
+        consumer's credit and ``max_tokens`` (a step emits at most depth + 1
+        tokens) and the context limit. False: schedule a plain step instead.
+        """
+        decoding = num_new == 1 and req.num_tokens - req.num_computed_tokens == 1
+        if req.max_draft_nodes <= 0 or not decoding:
+            return False
+        emit_room = req.credit - 1
+        if req.params.max_tokens is not None:
+            emit_room = min(emit_room, req.params.max_tokens - len(req.output_token_ids) - 1)
+        max_depth = min(req.max_draft_depth, emit_room)
+        max_nodes = min(
+            req.max_draft_nodes, step.budget - 1, self._context_limit - req.num_tokens
+        )
+        if max_depth <= 0 or max_nodes <= 0:
+            return False
+        num_slots = req.num_tokens + max_nodes
+        if not self.block_manager.can_allocate(req.request_id, num_slots):
+            return False  # speculation never preempts anyone
+        if not blocks.grow(self.block_manager, req, num_slots, step):
+            return False
+        self._schedule(req, 1, step)
+        step.budget -= max_nodes
+        step.draft_budgets[req.request_id] = (max_nodes, min(max_depth, max_nodes))
+        return True
 
     def _schedule(self, req: Request, num_new: int, step: StepState) -> None:
         step.scheduled[req.request_id] = num_new
@@ -253,6 +307,7 @@ class Scheduler:
     def _preempt(self, victim: Request, step: StepState) -> None:
         rid = victim.request_id
         step.budget += step.scheduled.pop(rid, 0)
+        step.budget += step.draft_budgets.pop(rid, (0, 0))[0]
         self._running.remove(victim)
         if blocks.release(self.block_manager, victim, step, self.config):
             victim.status = RequestStatus.SWAPPED
@@ -302,6 +357,7 @@ class Scheduler:
             blocks_to_swap_out=step.swap_out,
             blocks_to_swap_in=step.swap_in,
             preempted_ids=step.preempted_ids,
+            draft_budgets=dict(step.draft_budgets),
         )
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
@@ -318,3 +374,4 @@ class Scheduler:
         req.finish_reason = reason
         del self._requests[req.request_id]
         self._last_scheduled.pop(req.request_id, None)
+        self._last_drafts.pop(req.request_id, None)

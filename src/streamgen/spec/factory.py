@@ -1,0 +1,78 @@
+"""Build the drafter an engine's :class:`SpeculationConfig` asks for."""
+
+from __future__ import annotations
+
+from streamgen.attention.registry import create_backend
+from streamgen.errors import ConfigError
+from streamgen.model.loader import LoadedModel, load_model
+from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
+from streamgen.runner.model_runner import ModelRunner
+from streamgen.spec.config import SpeculationConfig
+from streamgen.spec.drafter import Drafter
+from streamgen.spec.model_drafter import ModelDrafter
+from streamgen.spec.ngram import NgramDrafter
+
+
+def make_drafter(
+    config: SpeculationConfig,
+    target: LoadedModel,
+    runner: ModelRunner,
+    draft: LoadedModel | None = None,
+) -> Drafter:
+    """The drafter for ``config`` over ``runner``'s KV cache.
+
+    ``draft`` overrides loading ``config.draft_model`` (tests pass a model in).
+
+    Raises:
+        ConfigError: the target has a sliding window (tree masks do not
+            combine with it), the draft model's vocabulary differs from the
+            target's, or ``self_layers`` is not below the target's layer count.
+    """
+    spec = target.spec
+    if spec.sliding_window is not None:
+        raise ConfigError(
+            "speculative decoding does not support sliding-window attention models yet"
+        )
+    if config.method == "ngram":
+        return NgramDrafter(config.min_ngram, config.max_ngram, config.branching)
+    backend_name = runner.backend.name
+    if config.method == "self":
+        num_layers = config.self_layers or max(1, spec.num_layers // 4)
+        if num_layers >= spec.num_layers:
+            raise ConfigError(
+                f"self_layers={num_layers} must be below the target's {spec.num_layers} layers"
+            )
+        return ModelDrafter(
+            "self",
+            target.model,
+            runner.kv_cache.layers[:num_layers],
+            create_backend(backend_name),
+            runner.block_size,
+            num_layers=num_layers,
+            branching=config.branching,
+            shares_target_cache=True,
+        )
+    if draft is None:
+        assert config.draft_model is not None  # SpeculationConfig checks it
+        draft = load_model(
+            config.draft_model, dtype=target.dtype, device=target.device, load_tokenizer=False
+        )
+    if draft.spec.vocab_size != spec.vocab_size:
+        raise ConfigError(
+            f"draft model vocabulary ({draft.spec.vocab_size}) differs from the target's "
+            f"({spec.vocab_size}); the draft must share the target's tokenizer"
+        )
+    cache = PagedKVCache(
+        draft.spec,
+        KVCacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks),
+        draft.dtype,
+        target.device,
+    )
+    return ModelDrafter(
+        "draft_model",
+        draft.model,
+        cache.layers,
+        create_backend(backend_name),
+        runner.block_size,
+        branching=config.branching,
+    )
