@@ -31,6 +31,8 @@ from streamgen.model import LoadedModel, ModelSpec, load_model
 from streamgen.offline import OfflineGenerator
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.sampling_params import SamplingParams
+from streamgen.spec.config import SpeculationConfig
+from streamgen.spec.metrics import SpeculationMetrics
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,8 @@ __all__ = [
     "RequestMetrics",
     "RequestStream",
     "SamplingParams",
+    "SpeculationConfig",
+    "SpeculationMetrics",
     "StreamgenError",
     "TokenEvent",
     "UnsupportedModelError",

@@ -154,10 +154,9 @@ class ModelRunner:
             top = sampled.top_logprobs[j] if sampled.top_logprobs is not None else []
             by_chunk[i] = [(sampled.token_ids[j], sampled.logprobs[j], top)]
         for i, result in zip(trees, verified, strict=True):
-            tops = result.top_logprobs or [[] for _ in result.logprobs]
-            by_chunk[i] = list(
-                zip(result.acceptance.token_ids, result.logprobs, tops, strict=True)
-            )
+            by_chunk[i] = list(zip(
+                result.acceptance.token_ids, result.logprobs, result.top_logprobs, strict=True
+            ))
         output = RunnerOutput(top_logprobs=[])
         for i, chunk in enumerate(chunks):
             for token, logprob, top in by_chunk[i]:

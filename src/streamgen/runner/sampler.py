@@ -167,46 +167,6 @@ class Sampler:
         )
         return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
 
-    def distributions(
-        self, logits: torch.Tensor, requests: Sequence[SamplingRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distribution :meth:`sample` would draw each row from, and the logprobs.
-
-        Returns ``(probs, logprobs)``, both ``[num_rows, vocab_size]`` float32:
-        ``probs`` after penalties, min_tokens masking, temperature and
-        filters (one-hot at the argmax for greedy rows); ``logprobs`` as
-        reported by :meth:`sample`. Speculative verification accepts draft
-        tokens against ``probs``.
-        """
-        if logits.dim() != 2 or logits.shape[0] != len(requests):
-            raise ValueError(
-                f"logits must be [num_rows={len(requests)}, vocab_size], "
-                f"got shape {tuple(logits.shape)}"
-            )
-        logits = apply_penalties(logits.to(torch.float32), requests)  # [num_rows, vocab_size]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._mask_min_tokens(logits, requests)
-        probs = torch.zeros_like(logits)
-        probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)  # greedy rows
-        random_rows = [row for row, r in enumerate(requests) if not r.params.is_greedy]
-        if random_rows:
-            index = _to_device(random_rows, torch.long, logits.device)  # [num_random]
-            filtered = self._filtered_probs(
-                logits.index_select(0, index), [requests[row] for row in random_rows]
-            )
-            probs.index_copy_(0, index, filtered)
-        return probs, logprobs
-
-    def step_generator(self, request: SamplingRequest, device: torch.device) -> torch.Generator:
-        """The generator for a request's draws this step: its own (seeded by
-        ``(seed, len(output))``) when ``params.seed`` is set, else the sampler's."""
-        seed = request.params.seed
-        if seed is None:
-            return self._generator(device)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(_step_seed(seed, len(request.output_token_ids)))
-        return generator
-
     def _sample_random(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest]
     ) -> torch.Tensor:

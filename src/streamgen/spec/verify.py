@@ -1,10 +1,10 @@
 """Verification of draft trees against the target model's logits (torch side).
 
 For each tree chunk the runner computed logits at every row (root + nodes).
-Each row is judged as the request would be sampled at that point: its
-penalties and min_tokens see the request's output *plus the row's path*
-(the accepted drafts above it), and a seeded request draws from its own
-generator. Then :mod:`streamgen.spec.acceptance` walks the tree, and the
+Each row is sampled exactly as the request would be at that point: its
+penalties and min_tokens see the request's output *plus the row's path*,
+and a seeded request's noise is drawn for the row's output position. Then
+:func:`streamgen.spec.acceptance.accept_path` walks the tree, and the
 accepted nodes' K/V are moved from their tree slots to their final slots::
 
     slots:  start  start+1  start+2  start+3      accepted nodes (1, 2) -> depth 1, 2
@@ -21,17 +21,17 @@ import torch
 
 from streamgen.runner.batch import SamplingRequest, SequenceChunk
 from streamgen.runner.sampler import Sampler
-from streamgen.spec.acceptance import Acceptance, accept_greedy, accept_sampled
+from streamgen.spec.acceptance import Acceptance, accept_path
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedTree:
-    """One tree's outcome: what it emits and the logprob of each emitted token."""
+    """One tree's outcome: what it emits, with each emitted token's logprobs."""
 
     request_id: str
     acceptance: Acceptance
     logprobs: list[float]
-    top_logprobs: list[list[tuple[int, float]]] | None
+    top_logprobs: list[list[tuple[int, float]]]
 
 
 def row_requests(chunk: SequenceChunk) -> list[SamplingRequest]:
@@ -55,31 +55,21 @@ def verify_trees(
 ) -> list[VerifiedTree]:
     """Accept the longest valid path plus one token of every tree chunk."""
     requests = [r for chunk in chunks for r in row_requests(chunk)]
-    probs, logprobs = sampler.distributions(logits, requests)  # [rows, vocab] each
-    probs_host = probs.cpu()
+    drawn = sampler.sample(logits, requests)
     verified: list[VerifiedTree] = []
     first = 0
     for chunk in chunks:
-        assert chunk.tree is not None and chunk.sampling is not None
+        assert chunk.tree is not None
         num_rows = len(chunk.tree) + 1
-        rows = probs_host[first : first + num_rows]  # [num_rows, vocab]
-        if chunk.sampling.params.is_greedy:
-            acceptance = accept_greedy(chunk.tree, rows.argmax(dim=-1).tolist())
-        else:
-            generator = sampler.step_generator(chunk.sampling, torch.device("cpu"))
-            acceptance = accept_sampled(chunk.tree, rows, generator)
-        token_rows = torch.tensor([first + r for r in acceptance.rows])
-        tokens = torch.tensor(acceptance.token_ids)
-        chosen = logprobs[token_rows.to(logprobs.device), tokens.to(logprobs.device)]
-        top = None
-        k = chunk.sampling.params.logprobs
-        if k is not None:
-            values, ids = logprobs[token_rows.to(logprobs.device)].topk(max(k, 1), dim=-1)
-            top = [
-                list(zip(i[:k], v[:k], strict=True))
-                for i, v in zip(ids.tolist(), values.tolist(), strict=True)
-            ]
-        verified.append(VerifiedTree(chunk.request_id, acceptance, chosen.tolist(), top))
+        acceptance = accept_path(chunk.tree, drawn.token_ids[first : first + num_rows])
+        rows = [first + r for r in acceptance.rows]
+        top = drawn.top_logprobs
+        verified.append(VerifiedTree(
+            chunk.request_id,
+            acceptance,
+            [drawn.logprobs[r] for r in rows],
+            [top[r] for r in rows] if top is not None else [[] for _ in rows],
+        ))
         first += num_rows
     return verified
 
