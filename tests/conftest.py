@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(2)
+
+# Triton kernels run on the CPU through the interpreter; the variable must be
+# set before any kernel module is imported (GPU machines run them natively).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

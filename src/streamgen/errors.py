@@ -10,6 +10,8 @@ Users catch these classes, never a bare ``RuntimeError``:
 * :class:`CapacityError`: the engine cannot hold the request at all.
 * :class:`EngineDeadError`: the engine's core has stopped; open streams end
   with it.
+* :class:`BackendUnavailableError` (a :class:`ConfigError`): the chosen
+  attention backend cannot run on this machine (package or GPU missing).
 """
 
 from __future__ import annotations
@@ -57,3 +59,11 @@ class EngineDeadError(StreamgenError):
 
 class ConfigError(StreamgenError, ValueError):
     """A configuration value (dtype, cache size, backend name...) is invalid."""
+
+
+class BackendUnavailableError(ConfigError):
+    """An attention backend cannot run here: its package, device or mode is missing.
+
+    Raised when the backend is constructed (or, for a CPU tensor without the
+    Triton interpreter, when it is first asked to plan a step).
+    """
