@@ -10,6 +10,7 @@ from invariants import check_block_manager
 
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.events import Abort, TokenEvent
+from streamgen.engine.metrics import RequestMetrics
 from streamgen.kv import BlockManager
 from streamgen.model.loader import LoadedModel
 from streamgen.runner.kv_cache import KVCacheConfig
@@ -76,7 +77,8 @@ def run_core(
     run.core = core
     for i, prompt in enumerate(prompts):
         run.metrics[f"r{i}"] = SpeculationMetrics()
-        core._apply((Request(f"r{i}", list(prompt), params), run.metrics[f"r{i}"]))
+        metrics = RequestMetrics(speculation=run.metrics[f"r{i}"])
+        core._apply((Request(f"r{i}", list(prompt), params), metrics))
     while scheduler.has_unfinished():
         assert run.steps < max_steps, "no progress"
         core._step()

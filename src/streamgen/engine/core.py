@@ -31,6 +31,7 @@ from streamgen.engine.events import (
     StreamError,
     TokenEvent,
 )
+from streamgen.engine.metrics import RequestMetrics, ThroughputMeter
 from streamgen.errors import EngineDeadError, StreamgenError
 from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.model_runner import ModelRunner
@@ -76,7 +77,10 @@ class EngineCore:
         self.policy = policy
         self._speculate_by_default = speculate_by_default
         self.speculation = SpeculationMetrics()
-        self._spec_metrics: dict[str, SpeculationMetrics] = {}
+        self.throughput = ThroughputMeter()
+        # Live requests' metrics, updated in place (queue time, speculation).
+        self._metrics: dict[str, RequestMetrics] = {}
+        self._unscheduled: set[str] = set()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._text: dict[str, _TextState] = {}
         self._thread = threading.Thread(target=self._run, name="streamgen-core", daemon=True)
@@ -87,12 +91,13 @@ class EngineCore:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, spec_metrics: SpeculationMetrics | None = None) -> None:
+    def submit(self, request: Request, metrics: RequestMetrics | None = None) -> None:
         """Queue a validated request (validation already raised on the caller's side).
 
-        ``spec_metrics`` is updated in place by this thread as the request speculates.
+        ``metrics`` is updated in place by this thread (when the request first
+        runs, how it speculates).
         """
-        self._inbox.put((request, spec_metrics or SpeculationMetrics()))
+        self._inbox.put((request, metrics or RequestMetrics()))
 
     def send(self, command: Abort | SetPriority | Credit | Shutdown) -> None:
         self._inbox.put(command)
@@ -136,9 +141,10 @@ class EngineCore:
 
     def _apply(self, item: Any) -> None:
         if isinstance(item, tuple):
-            request, spec_metrics = item
+            request, metrics = item
             self._text[request.request_id] = self._make_text_state(request)
-            self._spec_metrics[request.request_id] = spec_metrics
+            self._metrics[request.request_id] = metrics
+            self._unscheduled.add(request.request_id)
             self.scheduler.add_request(request)
         elif isinstance(item, Abort):
             if self.scheduler.abort_request(item.request_id):
@@ -160,6 +166,11 @@ class EngineCore:
         if output.is_empty:
             return False
         self.num_steps += 1
+        if self._unscheduled:
+            now = time.perf_counter()
+            for rid in self._unscheduled & output.num_scheduled_tokens.keys():
+                self._unscheduled.discard(rid)
+                self._metrics[rid].scheduled_at = now
         try:
             for rid in output.preempted_ids:
                 if self.drafter is not None:
@@ -185,6 +196,7 @@ class EngineCore:
                 events[rid] = [StreamError(error)]
             self._deliver(events)
             return True
+        self.throughput.add(time.perf_counter(), len(result.token_ids))
         logprobs: dict[str, list[float]] = {}
         for rid, logprob in zip(result.request_ids, result.logprobs, strict=True):
             logprobs.setdefault(rid, []).append(logprob)
@@ -266,14 +278,15 @@ class EngineCore:
         for rid, tree in trees.items():
             accepted = emitted.get(rid, 1) - 1
             self.speculation.record(len(tree), accepted)
-            metrics = self._spec_metrics.get(rid)
+            metrics = self._metrics.get(rid)
             if metrics is not None:
-                metrics.record(len(tree), accepted)
+                metrics.speculation.record(len(tree), accepted)
             if self.policy is not None:
                 self.policy.observe_verify(rid, tree.max_depth, accepted)
 
     def _forget(self, request_id: str) -> None:
-        self._spec_metrics.pop(request_id, None)
+        self._metrics.pop(request_id, None)
+        self._unscheduled.discard(request_id)
         if self.drafter is not None:
             self.drafter.forget(request_id)
         if self.policy is not None:

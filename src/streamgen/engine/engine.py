@@ -215,6 +215,8 @@ class Engine:
             "kv_blocks_used": blocks.num_used_blocks,
             "kv_blocks_cached": blocks.num_cached_blocks,
             "steps": core.num_steps,
+            "generated_tokens": core.throughput.total_tokens,
+            "throughput_tok_s": core.throughput.tokens_per_second(),
             "attention_backend": core.runner.backend.name,
             "speculation": None if core.drafter is None else {
                 "method": core.drafter.name, **core.speculation.as_dict()
@@ -263,7 +265,7 @@ class Engine:
         stream: RequestStream,
     ) -> None:
         self._senders[request.request_id] = send
-        core.submit(request, stream.metrics.speculation)
+        core.submit(request, stream.metrics)
 
     def _dispatch(self, events: StepEvents) -> None:
         """On the event loop: push one step's events into the streams (never blocks)."""

@@ -13,38 +13,15 @@ request's KV blocks at its next step.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from streamgen.engine.events import StreamEnd, StreamError, TokenEvent
-from streamgen.spec.metrics import SpeculationMetrics
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    """Timings of one request, in seconds (``time.perf_counter`` clock)."""
-
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    # Updated by the engine's core thread while the request speculates.
-    speculation: SpeculationMetrics = field(default_factory=SpeculationMetrics)
-
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token."""
-        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
-
-    @property
-    def inter_token_latencies(self) -> list[float]:
-        t = self.token_times
-        return [b - a for a, b in itertools.pairwise(t)]
+from streamgen.engine.metrics import RequestMetrics
 
 
 class RequestStream:
