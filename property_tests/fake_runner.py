@@ -9,9 +9,12 @@ swap or copy changes the output or fails the assertion.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from streamgen.runner.batch import RunnerOutput
+from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.scheduler import SchedulerOutput
+from streamgen.spec.acceptance import accept_path
+from streamgen.spec.tree import DraftTree
 
 
 class FakeRunner:
@@ -37,11 +40,46 @@ class FakeRunner:
                 pos = chunk.start_pos + i
                 self.device.setdefault(table[pos // bs], {})[pos % bs] = token
             if chunk.sampling is not None:
+                tree = chunk.tree or DraftTree()
+                root_end = chunk.end_pos - len(tree)
                 context = [
-                    self.device.get(table[p // bs], {}).get(p % bs) for p in range(chunk.end_pos)
+                    self.device.get(table[p // bs], {}).get(p % bs) for p in range(root_end)
                 ]
                 known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
                 assert context == known, (chunk.request_id, context, known)
-                request_ids.append(chunk.request_id)
-                token_ids.append(self.next_token(known))
+                # Verify the tree: row r's "draw" is the true next token after its path.
+                drawn = [self.next_token(known)] + [
+                    self.next_token(known + [tree.tokens[n] for n in tree.path_to(node)])
+                    for node in range(len(tree))
+                ]
+                acceptance = accept_path(tree, drawn)
+                for depth, node in enumerate(acceptance.nodes, start=1):  # move the KV
+                    src, dst = chunk.start_pos + 1 + node, chunk.start_pos + depth
+                    value = self.device[table[src // bs]][src % bs]
+                    self.device.setdefault(table[dst // bs], {})[dst % bs] = value
+                request_ids.extend([chunk.request_id] * len(acceptance.token_ids))
+                token_ids.extend(acceptance.token_ids)
         return RunnerOutput(request_ids=request_ids, token_ids=token_ids)
+
+
+def attach_fake_trees(
+    out: SchedulerOutput, next_token: Callable[[Sequence[int]], int], salt: int
+) -> SchedulerOutput:
+    """Give every request with a draft budget a tree mixing right and wrong drafts."""
+    chunks = []
+    for chunk in out.batch.chunks:
+        budget = out.draft_budgets.get(chunk.request_id)
+        if budget is None or chunk.sampling is None:
+            chunks.append(chunk)
+            continue
+        max_nodes, max_depth = budget
+        known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
+        right: list[int] = []
+        for _ in range(max_depth):
+            right.append(next_token(known + right))
+        cut = (salt + len(known)) % (max_depth + 1)  # the first wrong draft's depth
+        wrong = [*right[:cut], 1000 + salt % 7, *right[cut + 1 :]]
+        tree = DraftTree.from_paths([wrong, right] if salt % 2 else [right[:cut], wrong],
+                                    max_nodes=max_nodes)
+        chunks.append(replace(chunk, token_ids=[*chunk.token_ids, *tree.tokens], tree=tree))
+    return replace(out, batch=ModelBatch(chunks))

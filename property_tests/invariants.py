@@ -122,11 +122,17 @@ def check_scheduler(scheduler: Scheduler, live_ids: Iterable[str], gone_ids: Ite
 
 
 def check_scheduler_output(output: SchedulerOutput, config: SchedulerConfig) -> None:
-    """The step fits the token budget, one chunk per scheduled request, sizes agree."""
-    assert output.total_num_scheduled_tokens <= config.max_num_batched_tokens
+    """The step fits the token budget (draft tree slots included), one chunk per
+    scheduled request, sizes agree, and reserved tree slots have blocks."""
+    draft_nodes = sum(nodes for nodes, _ in output.draft_budgets.values())
+    assert output.total_num_scheduled_tokens + draft_nodes <= config.max_num_batched_tokens
+    for rid, (nodes, depth) in output.draft_budgets.items():
+        assert 1 <= depth <= nodes, (rid, nodes, depth)
     chunk_ids = [c.request_id for c in output.batch.chunks]
     assert len(chunk_ids) == len(set(chunk_ids)) <= config.max_num_seqs
     assert set(chunk_ids) == set(output.num_scheduled_tokens)
     for chunk in output.batch.chunks:
         assert chunk.num_tokens == output.num_scheduled_tokens[chunk.request_id] > 0
         assert len(chunk.block_table) * config.block_size >= chunk.end_pos
+        nodes, _ = output.draft_budgets.get(chunk.request_id, (0, 0))
+        assert len(chunk.block_table) * config.block_size >= chunk.end_pos + nodes

@@ -1,12 +1,14 @@
-"""Random add / step / abort / set_priority / add_credit sequences keep the
-scheduler's invariants, every generated token equals what an unconstrained
-run produces, and once credit flows again every request finishes."""
+"""Random add / step / abort / set_priority / add_credit / speculate sequences
+keep the scheduler's invariants, every generated token equals what an
+unconstrained run produces (speculative steps included: right and wrong
+drafts, rejected slots trimmed), and once credit flows again every request
+finishes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fake_runner import FakeRunner
+from fake_runner import FakeRunner, attach_fake_trees
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -51,6 +53,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.outputs: dict[str, list[int]] = {}
         self.gone: set[str] = set()
         self.next_id = 0
+        self.num_steps = 0
 
     def _live(self) -> list[str]:
         return sorted(self.prompts)
@@ -73,6 +76,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self) -> None:
         out = self.scheduler.schedule()
         check_scheduler_output(out, self.config)
+        self.num_steps += 1
+        out = attach_fake_trees(out, next_token, salt=self.num_steps)
         for rid, tokens, reason in self.scheduler.update(self.runner.execute(out)):
             self.outputs[rid].extend(tokens)
             context = list(self.prompts[rid])
@@ -90,6 +95,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.scheduler.abort_request(rid)
         del self.prompts[rid]
         self.gone.add(rid)
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), nodes=st.integers(0, 5), depth=st.integers(1, 4))
+    def speculate(self, data: st.DataObject, nodes: int, depth: int) -> None:
+        """Let a request verify draft trees (right and wrong drafts mixed)."""
+        request = self.scheduler.get_request(data.draw(st.sampled_from(self._live())))
+        assert request is not None
+        request.max_draft_nodes, request.max_draft_depth = nodes, depth
 
     @precondition(lambda self: self.prompts)
     @rule(data=st.data(), priority=st.integers(0, 3))
