@@ -68,6 +68,12 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # True when the all-decode path can be captured in a CUDA graph: ``prepare``
+    # does host-only planning (no tensors built, no syncs), ``write_kv`` and
+    # ``attend`` read only the metadata's device tensors, and ``seq_lens_list``
+    # is used only as an upper bound (a graph is planned for ``max_model_len``;
+    # the kernels find each row's real length in ``seq_lens``).
+    supports_cuda_graphs: bool = False
 
     def prepare(self, metadata: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called once per step before the first layer; build shared plans here."""

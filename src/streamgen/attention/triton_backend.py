@@ -10,6 +10,14 @@ extend kernel writes its sequences' rows of the output directly; decode rows
 are gathered into a dense ``[num_decodes, heads, dim]`` query and scattered
 back, except when the whole step is decodes (then no copy at all).
 
+CUDA graphs: the all-decode path is graph-safe (``supports_cuda_graphs``).
+``prepare`` then builds no tensor, and the split-K grid depends only on
+``max(seq_lens_list)``, which a captured step sets to ``max_model_len`` (the
+kernels read each row's real length from ``seq_lens``; partitions past it do
+no work). Partitions grow past ``decode_partition_size`` so that at most
+``MAX_DECODE_PARTITIONS`` cover the longest context: the grid and the split-K
+buffers stay bounded when a graph is planned for a 128k context.
+
 fp8 caches (``torch.float8_e4m3fn``) are written and read with a unit scale
 per head: the :class:`~streamgen.attention.backend.AttentionBackend` interface
 does not carry calibrated scales yet. The kernels themselves take per-head
@@ -38,6 +46,22 @@ except ImportError as error:  # triton missing
     raise BackendUnavailableError(f"the triton attention backend needs triton: {error}") from error
 
 
+MAX_DECODE_PARTITIONS = 64
+
+
+def decode_partition_size(max_seq_len: int, base: int) -> int:
+    """Keys per split-K partition: ``base``, doubled until at most
+    :data:`MAX_DECODE_PARTITIONS` partitions cover ``max_seq_len``.
+
+    >>> decode_partition_size(4096, 512), decode_partition_size(131072, 512)
+    (512, 2048)
+    """
+    size = base
+    while size * MAX_DECODE_PARTITIONS < max_seq_len:
+        size *= 2
+    return size
+
+
 @dataclass(frozen=True, slots=True)
 class _StepPlan:
     all_decodes: bool
@@ -45,6 +69,7 @@ class _StepPlan:
     decode_rows: torch.Tensor | None  # [num_decodes] flat query rows, device
     decode_seqs: torch.Tensor | None  # [num_decodes] sequence indices, device
     max_decode_seq_len: int
+    decode_partition_size: int
     # Extend group (None: no extends). seq_ids None with extends: every sequence.
     has_extends: bool
     extend_seqs: torch.Tensor | None  # [num_extends] sequence indices, device
@@ -60,6 +85,7 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    supports_cuda_graphs = True
 
     def __init__(self, *, decode_partition_size: int = 512) -> None:
         self._decode_partition_size = decode_partition_size
@@ -74,7 +100,7 @@ class TritonAttentionBackend(AttentionBackend):
                 "before streamgen.kernels is first imported"
             )
         self._plan_for = metadata
-        self._plan = _make_plan(metadata)
+        self._plan = _make_plan(metadata, self._decode_partition_size)
 
     def write_kv(
         self,
@@ -106,7 +132,7 @@ class TritonAttentionBackend(AttentionBackend):
                 query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale,
                 max_seq_len=plan.max_decode_seq_len, sliding_window=window,
                 k_scale=kv_scale, v_scale=kv_scale,
-                partition_size=self._decode_partition_size,
+                partition_size=plan.decode_partition_size,
             )  # fmt: skip
         output = torch.empty_like(query)
         if plan.has_extends:
@@ -124,7 +150,7 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.seq_lens.index_select(0, plan.decode_seqs), scale,
                 max_seq_len=plan.max_decode_seq_len, sliding_window=window,
                 k_scale=kv_scale, v_scale=kv_scale,
-                partition_size=self._decode_partition_size,
+                partition_size=plan.decode_partition_size,
             )  # fmt: skip
             output.index_copy_(0, plan.decode_rows, decode_out)
         return output
@@ -138,7 +164,7 @@ class TritonAttentionBackend(AttentionBackend):
         return self._unit_scales[key]
 
 
-def _make_plan(metadata: AttentionMetadata) -> _StepPlan:
+def _make_plan(metadata: AttentionMetadata, base_partition_size: int) -> _StepPlan:
     device = metadata.slot_mapping.device
     query_lens = metadata.query_lens_list
     decode_seqs = [seq for seq, length in enumerate(query_lens) if length == 1]
@@ -161,6 +187,7 @@ def _make_plan(metadata: AttentionMetadata) -> _StepPlan:
         decode_rows=decode_rows,
         decode_seqs=decode_index,
         max_decode_seq_len=max_decode,
+        decode_partition_size=decode_partition_size(max_decode, base_partition_size),
         has_extends=bool(extend_seqs),
         extend_seqs=extend_index,
         max_extend_query_len=max_extend_query,

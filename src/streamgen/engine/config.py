@@ -38,6 +38,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int | None = None
     speculation: SpeculationConfig | None = None  # None: no speculative decoding
+    # Replay captured CUDA graphs for decode steps of up to max_num_seqs sequences
+    # (runner/cuda_graph.py). Applies to models on a CUDA device; ignored elsewhere.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -62,6 +65,8 @@ class EngineConfig:
         if self.speculation is not None and not isinstance(self.speculation, SpeculationConfig):
             raise ConfigError(f"speculation must be a SpeculationConfig or None, "
                               f"got {type(self.speculation).__name__}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.preemption_mode == "swap" and self.num_host_blocks == 0:
             raise ConfigError("preemption_mode='swap' needs num_host_blocks > 0")
 
@@ -69,8 +74,9 @@ class EngineConfig:
     def preset(cls, name: str, **overrides: Any) -> EngineConfig:
         """``"low_latency" | "balanced" | "high_throughput"``, overridable field by field."""
         presets: dict[str, dict[str, Any]] = {
-            "low_latency": dict(max_num_batched_tokens=256, max_num_seqs=8, stream_buffer=4),
-            "balanced": dict(max_num_batched_tokens=512, max_num_seqs=64),
+            "low_latency": dict(max_num_batched_tokens=256, max_num_seqs=8, stream_buffer=4,
+                                cuda_graphs=True),
+            "balanced": dict(max_num_batched_tokens=512, max_num_seqs=64, cuda_graphs=True),
             "high_throughput": dict(max_num_batched_tokens=2048, max_num_seqs=256,
                                     stream_buffer=64),
         }

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from streamgen.engine.stream import RequestStream
 from streamgen.errors import EngineDeadError, InvalidPromptError, RequestError
 from streamgen.kv import BlockManager
 from streamgen.model.loader import LoadedModel, load_model
+from streamgen.runner.cuda_graph import CudaGraphConfig
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.runner.sampler import Sampler
@@ -70,14 +71,27 @@ class Engine:
         if self._core is not None:
             return self
         schedule_on_loop = loop_scheduler()
-        self._loaded = await anyio.to_thread.run_sync(self._load)
-        loaded, cfg = self._loaded, self.config
+
+        def deliver(events: StepEvents) -> None:
+            schedule_on_loop(self._dispatch, events)
+
+        # Loading, KV allocation and CUDA-graph capture stay off the event loop.
+        self._core = await anyio.to_thread.run_sync(self._build_core, deliver)
+        self._core.start()
+        return self
+
+    def _build_core(self, deliver: Callable[[StepEvents], None]) -> EngineCore:
+        self._loaded = loaded = self._load()
+        cfg = self.config
         runner = ModelRunner(
             loaded,
             KVCacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_bytes),
             backend=cfg.attention_backend,
             sampler=Sampler(seed=cfg.seed, eos_token_ids=loaded.spec.eos_token_ids),
             num_host_blocks=cfg.num_host_blocks,
+            cuda_graphs=CudaGraphConfig(cfg.max_num_seqs, self.max_model_len)
+            if cfg.cuda_graphs and loaded.device.type == "cuda"
+            else None,
         )
         blocks = BlockManager(
             runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.num_host_blocks
@@ -94,18 +108,13 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=loaded.spec.eos_token_ids,
         )
-        def deliver(events: StepEvents) -> None:
-            schedule_on_loop(self._dispatch, events)
-
         drafter, policy = None, None
         if cfg.speculation is not None:
             drafter = make_drafter(cfg.speculation, loaded, runner)
             policy = SpeculationPolicy(cfg.speculation)
-        self._core = EngineCore(
+        return EngineCore(
             scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy
         )
-        self._core.start()
-        return self
 
     def _load(self) -> LoadedModel:
         import torch
@@ -218,6 +227,7 @@ class Engine:
             "generated_tokens": core.throughput.total_tokens,
             "throughput_tok_s": core.throughput.tokens_per_second(),
             "attention_backend": core.runner.backend.name,
+            "cuda_graphs": core.runner.graphs is not None,
             "speculation": None if core.drafter is None else {
                 "method": core.drafter.name, **core.speculation.as_dict()
             },

@@ -49,19 +49,8 @@ def prepare_inputs(
     max_blocks = max((len(c.block_table) for c in batch.chunks), default=1)
     block_tables: list[list[int]] = []
     for index, chunk in enumerate(batch.chunks):
+        check_chunk(chunk, block_size, num_blocks, vocab_size)
         table = list(chunk.block_table)
-        needed = -(-chunk.end_pos // block_size)
-        if chunk.num_tokens == 0 or len(table) < needed:
-            raise InvalidPromptError(
-                f"request {chunk.request_id!r}: {chunk.num_tokens} tokens at position "
-                f"{chunk.start_pos} need {needed} blocks, block table has {len(table)}"
-            )
-        if any(b < 0 or b >= num_blocks for b in table):
-            raise InvalidPromptError(f"request {chunk.request_id!r}: block id out of range")
-        if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= vocab_size:
-            raise InvalidPromptError(
-                f"request {chunk.request_id!r}: token id outside the vocabulary [0, {vocab_size})"
-            )
         first_row = len(input_ids)
         input_ids.extend(chunk.token_ids)
         for pos in range(chunk.start_pos, chunk.end_pos):
@@ -106,6 +95,23 @@ def prepare_inputs(
         sample_chunk_indices=tuple(sample_chunks),
         sample_row_counts=tuple(sample_row_counts),
     )
+
+
+def check_chunk(chunk: SequenceChunk, block_size: int, num_blocks: int, vocab_size: int) -> None:
+    """Raise :class:`InvalidPromptError` unless the chunk has tokens, its tokens
+    are in the vocabulary and its block table covers them with valid block ids."""
+    needed = -(-chunk.end_pos // block_size)
+    if chunk.num_tokens == 0 or len(chunk.block_table) < needed:
+        raise InvalidPromptError(
+            f"request {chunk.request_id!r}: {chunk.num_tokens} tokens at position "
+            f"{chunk.start_pos} need {needed} blocks, block table has {len(chunk.block_table)}"
+        )
+    if any(b < 0 or b >= num_blocks for b in chunk.block_table):
+        raise InvalidPromptError(f"request {chunk.request_id!r}: block id out of range")
+    if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= vocab_size:
+        raise InvalidPromptError(
+            f"request {chunk.request_id!r}: token id outside the vocabulary [0, {vocab_size})"
+        )
 
 
 def _tree_mask(

@@ -13,6 +13,7 @@ from streamgen.attention.backend import AttentionBackend
 from streamgen.attention.registry import create_backend
 from streamgen.model.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, RunnerOutput, SequenceChunk
+from streamgen.runner.cuda_graph import CudaGraphConfig, CudaGraphRunner, reserve_graph_memory
 from streamgen.runner.input_prep import StepInputs, prepare_inputs
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache, copy_blocks
 from streamgen.runner.sampler import Sampler
@@ -34,13 +35,17 @@ class ModelRunner:
         backend: AttentionBackend | str = "torch",
         sampler: Sampler | None = None,
         num_host_blocks: int = 0,
+        cuda_graphs: CudaGraphConfig | None = None,
     ) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
         self.device = loaded.device
-        self.kv_cache = PagedKVCache(
-            loaded.spec, kv_config or KVCacheConfig(), loaded.dtype, self.device
-        )
+        kv_config = kv_config or KVCacheConfig()
+        if cuda_graphs is not None:  # CUDA graphs: their memory is set aside before the KV pool
+            kv_config = reserve_graph_memory(
+                kv_config, loaded.spec, cuda_graphs, loaded.dtype, self.device
+            )
+        self.kv_cache = PagedKVCache(loaded.spec, kv_config, loaded.dtype, self.device)
         # Host-memory pool for swap preemption (same layout as the device cache).
         host_config = KVCacheConfig(
             block_size=self.kv_cache.block_size,
@@ -50,6 +55,12 @@ class ModelRunner:
         self.host_kv_cache = PagedKVCache(loaded.spec, host_config, loaded.dtype, "cpu")
         self.backend = create_backend(backend) if isinstance(backend, str) else backend
         self.sampler = sampler or Sampler(eos_token_ids=loaded.spec.eos_token_ids)
+        # CUDA graphs (runner/cuda_graph.py): captured decode steps, consulted by execute().
+        self.graphs = (
+            CudaGraphRunner(loaded.model, self.kv_cache, self.backend, cuda_graphs)
+            if cuda_graphs is not None
+            else None
+        )
 
     @property
     def block_size(self) -> int:
@@ -57,7 +68,9 @@ class ModelRunner:
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
+        """KV blocks the block manager may hand out (CUDA graphs keep one as scratch)."""
+        scratch = 0 if self.graphs is None else self.graphs.num_scratch_blocks
+        return self.kv_cache.num_blocks - scratch
 
     def apply_block_ops(
         self,
@@ -98,6 +111,9 @@ class ModelRunner:
     def execute(self, batch: ModelBatch) -> RunnerOutput:
         """Run one step: sample the next token of every chunk that asks for it,
         and verify every draft tree (moving accepted drafts' K/V into place)."""
+        # CUDA graphs: all-decode batches that fit a captured bucket replay it.
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self._sample(self.graphs.run(batch), list(batch.chunks))
         inputs = self.prepare(batch)
         if not batch.chunks:
             return RunnerOutput()
