@@ -54,6 +54,7 @@ class SystemOptions:
     stream_buffer: int = 16  # streamgen engine: tokens a stream holds before it pauses
     kv_cache_bytes: int = 1 << 30  # streamgen engine
     stop_slow_when_fast_done: bool = False  # cancel slow readers once the others finish
+    streamgen_only: bool = False  # an arm about a streamgen feature the peers do not have
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
