@@ -57,3 +57,11 @@ def test_priorities_example(default_model_dir: Path) -> None:
     assert "[moon, abort]" in out
     preemptions = int(out.split("preemptions:")[1].split()[0])
     assert preemptions >= 1
+
+
+def test_speculative_rewrite_example(default_model_dir: Path) -> None:
+    out = run_example("speculative_rewrite.py")
+    assert "library" in out
+    accepted = int(out.split("accepted: ")[1].split()[0])
+    per_step = float(out.split("tokens per step: ")[1].split()[0])
+    assert accepted > 0 and per_step > 1.0
