@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from streamgen.attention.registry import create_backend
 from streamgen.errors import ConfigError
 from streamgen.model.loader import LoadedModel, load_model
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
@@ -35,7 +34,10 @@ def make_drafter(
         )
     if config.method == "ngram":
         return NgramDrafter(config.min_ngram, config.max_ngram, config.branching)
-    backend_name = runner.backend.name
+    # The draft forwards share the target's backend instance (they run between
+    # the target's steps, and every forward plans its own metadata): a compiled
+    # backend (flex) keeps one compile cache.
+    backend = runner.backend
     if config.method == "self":
         num_layers = config.self_layers or max(1, spec.num_layers // 4)
         if num_layers >= spec.num_layers:
@@ -46,7 +48,7 @@ def make_drafter(
             "self",
             target.model,
             runner.kv_cache.layers[:num_layers],
-            create_backend(backend_name),
+            backend,
             runner.block_size,
             num_layers=num_layers,
             branching=config.branching,
@@ -72,7 +74,7 @@ def make_drafter(
         "draft_model",
         draft.model,
         cache.layers,
-        create_backend(backend_name),
+        backend,
         runner.block_size,
         branching=config.branching,
     )
