@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from streamgen.attention.auto import resolve_backend
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.delivery import loop_scheduler
@@ -86,7 +87,7 @@ class Engine:
         runner = ModelRunner(
             loaded,
             KVCacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_bytes),
-            backend=cfg.attention_backend,
+            backend=resolve_backend(cfg.attention_backend, loaded.spec, loaded.device),
             sampler=Sampler(seed=cfg.seed, eos_token_ids=loaded.spec.eos_token_ids),
             num_host_blocks=cfg.num_host_blocks,
             cuda_graphs=CudaGraphConfig(cfg.max_num_seqs, self.max_model_len)
