@@ -120,7 +120,11 @@ class StreamgenSession:
 
     def info(self) -> dict[str, Any]:
         stats = self.engine.stats()
-        return {"preemptions": stats["preemptions"], "steps": stats["steps"]}
+        info = {"preemptions": stats["preemptions"], "steps": stats["steps"]}
+        spec = stats.get("speculation")
+        if spec:  # acceptance rate, mean accepted length, draft / verify seconds
+            info["speculation"] = spec
+        return info
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.aclose())
