@@ -41,6 +41,8 @@ def run_arm(system: Any, arm: Arm, progress: Callable[[int], None]) -> dict[str,
     """
     from bench.systems.base import Unavailable
 
+    if arm.options.streamgen_only and not getattr(system, "runs_streamgen_only_arms", False):
+        return {"unavailable": "not available: a streamgen-only arm"}
     try:
         session = system.session(arm.options)
     except Unavailable as why:

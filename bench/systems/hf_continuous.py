@@ -42,8 +42,6 @@ class HFContinuousSystem:
         self.model = load_hf_model(model, dtype)
 
     def session(self, options: SystemOptions) -> HFContinuousSession:
-        if options.streamgen_only:
-            raise Unavailable("not available: a streamgen-only arm")
         if options.speculation:
             raise Unavailable("not available: HF continuous batching has no speculation")
         return HFContinuousSession(self.model, options)

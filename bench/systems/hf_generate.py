@@ -65,8 +65,6 @@ class HFGenerateSystem:
         self.model = load_hf_model(model, dtype)
 
     def session(self, options: SystemOptions) -> HFGenerateSession:
-        if options.streamgen_only:
-            raise Unavailable("not available: a streamgen-only arm")
         if options.prefix_caching:
             raise Unavailable("not available: static `generate` has no prefix cache")
         return HFGenerateSession(self.model, options)

@@ -69,8 +69,6 @@ class LlamaCppSystem:
         return self._models[key]
 
     def session(self, options: SystemOptions) -> LlamaCppSession:
-        if options.streamgen_only:
-            raise Unavailable("not available: a streamgen-only arm")
         return LlamaCppSession(self._model(options), options)
 
 

@@ -21,6 +21,8 @@ from bench.workloads import Request, SystemOptions
 class StreamgenSystem:
     """streamgen's Engine on the model loaded once per worker."""
 
+    runs_streamgen_only_arms = True
+
     def __init__(self, model: str | None, dtype: str, threads: int) -> None:
         from streamgen import load_model
 

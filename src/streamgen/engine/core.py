@@ -35,7 +35,7 @@ from streamgen.engine.metrics import RequestMetrics, ThroughputMeter
 from streamgen.errors import EngineDeadError, StreamgenError
 from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.model_runner import ModelRunner
-from streamgen.scheduler import FinishReason, Request, RequestStatus, Scheduler, SchedulerOutput
+from streamgen.scheduler import FinishReason, Request, Scheduler, SchedulerOutput
 from streamgen.spec.drafter import Drafter, DraftInput
 from streamgen.spec.metrics import SpeculationMetrics
 from streamgen.spec.policy import SpeculationPolicy
@@ -235,9 +235,10 @@ class EngineCore:
         inputs: list[DraftInput] = []
         for chunk in output.batch.chunks:
             budget = budgets.get(chunk.request_id)
-            req = self.scheduler.get_request(chunk.request_id)
-            if budget is None or req is None or req.status is not RequestStatus.RUNNING:
+            if budget is None:
                 continue
+            req = self.scheduler.get_request(chunk.request_id)
+            assert req is not None  # scheduled this step, so running
             inputs.append(DraftInput(
                 chunk.request_id, req.prompt_token_ids, req.output_token_ids,
                 req.num_computed_tokens, chunk.block_table, *budget,

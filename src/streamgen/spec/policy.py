@@ -97,8 +97,6 @@ class SpeculationPolicy:
     _step_cost: _LinearCost = field(default_factory=lambda: _LinearCost(decay=0.98))
     _draft_seconds: float = 0.0
     _draft_nodes: float = 0.0
-    _last_step_seconds: float = 0.0
-    _last_step_tokens: int = 0
 
     def budget(self, request_id: str, num_decoding: int) -> tuple[int, int]:
         """``(max_nodes, max_depth)`` for the request's next step (``(0, 0)``: off)."""
@@ -135,8 +133,6 @@ class SpeculationPolicy:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The runner ran a step of ``num_tokens`` tokens in ``seconds``."""
         self._step_cost.add(float(num_tokens), seconds)
-        self._last_step_seconds = seconds
-        self._last_step_tokens = num_tokens
 
     def observe_draft(self, num_nodes: int, seconds: float) -> None:
         """The drafter proposed ``num_nodes`` nodes in ``seconds``."""
