@@ -109,6 +109,25 @@ def test_default_routing_sends_long_chunks_to_the_reference(flex: FlexAttentionB
     assert max_error(hybrid, only_decodes) < 1e-5
 
 
+
+@needs_flex
+def test_small_decode_groups_go_to_the_reference(flex: FlexAttentionBackend) -> None:
+    routed = FlexAttentionBackend(max_flex_chunk=64, min_decode_keys=100)
+    small = make_step([33, 2, 40], [1, 1, 1], seed=9)  # 75 keys: below the bar
+    assert routed._step_plan(small[3], NUM_BLOCKS) is None  # the whole step is the reference's
+    assert max_error(routed, small) < 1e-5
+    large = make_step([33, 60, 40], [1, 1, 1], seed=10)  # 133 keys: flex
+    plan = routed._step_plan(large[3], NUM_BLOCKS)
+    assert plan is not None and plan.decode is not None and plan.decode.num_seqs == 3
+    # Beside a chunk flex takes, the small decodes still go to the reference, in one step.
+    mixed = make_step([33, 2, 40, 20], [1, 1, 1, 5], seed=11)
+    plan = routed._step_plan(mixed[3], NUM_BLOCKS)
+    assert plan is not None and plan.decode is None and plan.extend is not None
+    assert plan.reference is not None and plan.reference.rows.tolist() == [0, 1, 2]
+    assert max_error(routed, mixed) < 1e-5
+    with pytest.raises(ValueError, match="min_decode_keys"):
+        FlexAttentionBackend(min_decode_keys=-1)
+
 @needs_flex
 def test_new_lengths_and_batch_sizes_do_not_recompile(flex: FlexAttentionBackend) -> None:
     from torch._dynamo.utils import counters

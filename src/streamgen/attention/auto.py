@@ -22,6 +22,12 @@ from streamgen.model.config import ModelSpec
 # than all its attention (tests use ~0.1M; SmolLM2-135M has ~106M in its decoder).
 MIN_FLEX_DECODER_PARAMS = 10_000_000
 
+# Decode groups whose contexts add up to fewer keys go to the reference. Per layer, SmolLM2
+# shapes, 1 thread, 2,000-page pool: gather + SDPA costs ~0.25 ms + 0.7 us per key, a flex
+# call ~0.4 ms + 0.5 us per key (its fixed cost is mostly dynamo's guard check). At batch 1
+# flex made a decode step 40% slower (75 vs 54 ms, fp32); from ~2,000 keys on it wins.
+FLEX_MIN_DECODE_KEYS = 2048
+
 
 def resolve_backend(
     name: str, spec: ModelSpec, device: torch.device | str
@@ -45,7 +51,7 @@ def resolve_backend(
 
     if not flex_available(device):
         return "torch"
-    return FlexAttentionBackend(fallback_to_reference=True)
+    return FlexAttentionBackend(fallback_to_reference=True, min_decode_keys=FLEX_MIN_DECODE_KEYS)
 
 
 def decoder_params(spec: ModelSpec) -> int:
