@@ -229,6 +229,8 @@ class Engine:
             "throughput_tok_s": core.throughput.tokens_per_second(),
             "attention_backend": core.runner.backend.name,
             "cuda_graphs": core.runner.graphs is not None,
+            # Small CPU decode steps in one native call (model/native_decode.py).
+            "native_decode": core.runner.loaded.model.native_decoder is not None,
             "speculation": None if core.drafter is None else {
                 "method": core.drafter.name, **core.speculation.as_dict()
             },

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgen.native.kernels import MAX_NATIVE_ROWS, NativeKernels, NativeLinear, native_linear
+
 
 def column_splits(
     out_features: int, in_features: int, dtype: torch.dtype, device: torch.device, threads: int
@@ -66,6 +68,7 @@ class Linear(nn.Module):
         )
         self.splits: int | None = None
         self.upcast_min_rows: int | None = None
+        self.native: tuple[NativeKernels, NativeLinear] | None = None
 
     def set_weight(
         self, weight: torch.Tensor, splits: int | None, upcast_min_rows: int | None = None
@@ -77,8 +80,28 @@ class Linear(nn.Module):
             # [out, in] -> [splits, out / splits, in] -> [splits, in, out / splits]
             weight = weight.view(splits, -1, self.in_features).transpose(1, 2).contiguous()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.native = None
+
+    def enable_native(self, kernels: NativeKernels | None) -> None:
+        """Compute products of a few rows with the native kernel where torch is slow:
+        bf16 ``[out, in]`` weights on the CPU (AVX2 has no bf16 dot product, and
+        torch's bf16 matrix-vector product streams at half the memory bandwidth)."""
+        weight = self.weight
+        if kernels is None or self.splits is not None or weight.dtype != torch.bfloat16:
+            self.native = None
+            return
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            self.native = None
+            return
+        self.native = (kernels, native_linear(weight, self.bias, None, self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
+        native = self.native
+        if native is not None and x.shape[0] <= MAX_NATIVE_ROWS:
+            kernels, struct = native
+            y = torch.empty(x.shape[0], self.out_features)
+            kernels.linear(struct, x.float().contiguous(), y)
+            return y.to(x.dtype)
         if self.upcast_min_rows is not None and x.shape[0] >= self.upcast_min_rows:
             bias = None if self.bias is None else self.bias.float()
             return self._matmul(x.float(), self.weight.float(), bias).to(x.dtype)

@@ -24,6 +24,7 @@ from torch import nn
 from streamgen.attention.backend import AttentionBackend, AttentionMetadata
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
+from streamgen.model.native_decode import NativeDecoder
 from streamgen.model.rope import apply_rope, rope_inv_freq, signed_sin
 
 
@@ -116,6 +117,8 @@ class LlamaModel(nn.Module):
         self.register_buffer(
             "inv_freq", rope_inv_freq(spec.rope, spec.head_dim), persistent=False
         )
+        # Set by the loader on CPU where the native kernels build (model/native_decode.py).
+        self.native_decoder: NativeDecoder | None = None
 
     @torch.inference_mode()
     def forward(
@@ -128,7 +131,13 @@ class LlamaModel(nn.Module):
         num_layers: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
         """Runs the first ``num_layers`` layers (all by default; fewer for the
-        self-speculative drafter), then the final norm."""
+        self-speculative drafter), then the final norm.
+
+        A few plain decodes on the CPU run in one native call (``native_decoder``)."""
+        native = self.native_decoder
+        if native is not None and native.accepts(metadata, input_ids.shape[0], kv_caches):
+            count = len(self.layers) if num_layers is None else num_layers
+            return native.forward(input_ids, positions, kv_caches, metadata, count)
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
         x = self.embed_tokens(input_ids)

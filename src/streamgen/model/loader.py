@@ -18,8 +18,10 @@ from streamgen.errors import ConfigError, ModelLoadError
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear, column_splits, upcast_min_rows
 from streamgen.model.llama import LlamaModel
+from streamgen.model.native_decode import NativeDecoder
 from streamgen.model.rope import rope_inv_freq
 from streamgen.model.weights import CheckpointTensors
+from streamgen.native import native_kernels
 
 _DTYPES = {
     "float32": torch.float32,
@@ -124,6 +126,11 @@ def _build_model(
             out_features, in_features = module.weight.shape
             splits = column_splits(out_features, in_features, dtype, device, threads)
             module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
+    kernels = native_kernels() if device.type == "cpu" else None
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.enable_native(kernels)
+    model.native_decoder = NativeDecoder.for_model(model, kernels)
     model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
     model.eval()
     model.requires_grad_(False)

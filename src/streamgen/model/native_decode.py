@@ -1,0 +1,141 @@
+"""Decode steps of a :class:`~streamgen.model.llama.LlamaModel` in one native call.
+
+A step whose every sequence adds one token (plain decoding, no draft tree), on
+the CPU, with at most ``MAX_NATIVE_ROWS`` sequences, runs its decoder
+layers in ``sg_decode_layers`` (``streamgen/native/decode_kernels.c``) instead
+of ~30 torch ops per layer: embeddings and rope angles are computed by torch,
+then one foreign call runs every layer and the final norm. Larger batches,
+prefill chunks and trees stay on the torch path (batched matmuls and the
+attention backends win there).
+
+The residual stream is float32 inside the call, also for bfloat16 weights,
+whose rows are widened in registers: the step reads each weight once, at
+memory speed. The attention backend is bypassed: the kernel writes K/V into
+the paged cache and attends over it like the torch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from streamgen.attention.backend import AttentionMetadata
+from streamgen.native.kernels import (
+    MAX_NATIVE_ROWS,
+    NativeKernels,
+    NativeLayer,
+    NativeModel,
+    dtype_code,
+    native_linear,
+    ptr,
+)
+
+if TYPE_CHECKING:
+    from streamgen.model.linear import Linear
+    from streamgen.model.llama import DecoderLayer, LlamaModel
+
+class NativeDecoder:
+    """Runs decode-only steps of ``model`` through :class:`NativeKernels`.
+
+    >>> decoder = NativeDecoder.for_model(model, native_kernels())  # doctest: +SKIP
+    >>> if decoder is not None and decoder.accepts(metadata, num_tokens): ...
+    """
+
+    def __init__(self, model: LlamaModel, kernels: NativeKernels) -> None:
+        spec = model.spec
+        self.model = model
+        self.kernels = kernels
+        self.dtype = model.embed_tokens.weight.dtype
+        code = dtype_code(self.dtype)
+        assert code is not None
+        self.struct = NativeModel(
+            spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size,
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
+            spec.sliding_window or 0, spec.rms_norm_eps, spec.head_dim**-0.5, code, 0,
+        )
+        self._layer_key: tuple[int, ...] = ()
+        self._layer_array: ctypes.Array[NativeLayer] | None = None
+
+    @classmethod
+    def for_model(cls, model: LlamaModel, kernels: NativeKernels | None) -> NativeDecoder | None:
+        """A decoder where the kernels exist and cover the model's device and dtype."""
+        weight = model.embed_tokens.weight
+        if kernels is None or weight.device.type != "cpu" or dtype_code(weight.dtype) is None:
+            return None
+        return cls(model, kernels)
+
+    def accepts(
+        self,
+        metadata: AttentionMetadata,
+        num_tokens: int,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> bool:
+        """Whether this step is a few plain decodes (one new token per sequence) over
+        contiguous caches of the model's dtype."""
+        k_cache = kv_caches[0][0]
+        return (
+            0 < num_tokens <= MAX_NATIVE_ROWS
+            and metadata.num_seqs == num_tokens
+            and metadata.tree_mask is None
+            and k_cache.dtype == self.dtype
+            and k_cache.device.type == "cpu"
+            and k_cache.is_contiguous()
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [m] int64
+        positions: torch.Tensor,  # [m] int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        metadata: AttentionMetadata,
+        num_layers: int,
+    ) -> torch.Tensor:  # [m, hidden] in the model's dtype, after the final norm
+        model = self.model
+        x = model.embed_tokens.weight.index_select(0, input_ids).float()  # [m, hidden]
+        inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
+        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [m, head_dim / 2]
+        cos, sin = angles.cos(), angles.sin()
+        block_tables = metadata.block_tables.contiguous()
+        layers = self._layers(kv_caches)
+        if num_layers > len(layers):
+            raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")
+        out = torch.empty_like(x)
+        self.struct.block_size = kv_caches[0][0].shape[1]
+        self.kernels.decode_layers(
+            self.struct, layers, num_layers, x, cos, sin,
+            metadata.slot_mapping.contiguous(), block_tables, metadata.seq_lens.contiguous(),
+            model.norm.weight, out,
+        )
+        return out.to(self.dtype)
+
+    def _layers(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> ctypes.Array[NativeLayer]:
+        """The layer structs for this set of caches, rebuilt whenever any cache address
+        differs: a new engine's cache may reuse some addresses of a freed one, so the
+        key is every K and V address (only the last set is kept)."""
+        count = min(len(kv_caches), len(self.model.layers))
+        key = tuple(int(t.data_ptr()) for pair in kv_caches[:count] for t in pair)
+        if self._layer_key == key and self._layer_array is not None:
+            return self._layer_array
+        array = (NativeLayer * count)()
+        for i, (layer, (k_cache, v_cache)) in enumerate(
+            zip(self.model.layers[:count], kv_caches[:count], strict=True)
+        ):
+            layer = cast("DecoderLayer", layer)
+            attn, mlp = layer.self_attn, layer.mlp
+            array[i] = NativeLayer(
+                _linear(attn.qkv_proj), _linear(attn.o_proj),
+                _linear(mlp.gate_up_proj), _linear(mlp.down_proj),
+                ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
+                ptr(k_cache), ptr(v_cache),
+            )
+        self._layer_key, self._layer_array = key, array
+        return array
+
+
+def _linear(linear: Linear) -> ctypes.Structure:
+    return native_linear(linear.weight, linear.bias, linear.splits, linear.out_features)

@@ -1,0 +1,167 @@
+"""ctypes view of ``decode_kernels.c``: its structs, entry points and torch glue.
+
+Every pointer handed to C comes from a contiguous CPU tensor that the caller
+keeps alive for the duration of the call (the structs hold raw addresses).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+from streamgen.native.build import NativeUnavailableError, load_library
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+# Rows (decode tokens) up to which the native matrix-vector kernels beat torch's matmuls.
+MAX_NATIVE_ROWS = 8
+_ERRORS = {-1: "out of memory", -2: "invalid arguments"}
+
+
+class NativeLinear(ctypes.Structure):
+    _fields_ = [
+        ("weight", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("splits", ctypes.c_int32),
+        ("out_features", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+    ]
+
+
+class NativeLayer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", NativeLinear),
+        ("o", NativeLinear),
+        ("gate_up", NativeLinear),
+        ("down", NativeLinear),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
+
+
+class NativeModel(ctypes.Structure):
+    _fields_ = [
+        ("hidden", ctypes.c_int64),
+        ("q_size", ctypes.c_int64),
+        ("kv_size", ctypes.c_int64),
+        ("intermediate", ctypes.c_int64),
+        ("num_heads", ctypes.c_int64),
+        ("num_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("window", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("dtype", ctypes.c_int32),
+        ("_pad", ctypes.c_int32),
+    ]
+
+
+def dtype_code(dtype: torch.dtype) -> int | None:
+    """The kernels' code for a tensor dtype, or None where they have no kernel for it."""
+    return _DTYPE_CODES.get(dtype)
+
+
+def ptr(tensor: torch.Tensor | None) -> int | None:
+    """Address of a contiguous CPU tensor's data (None for None)."""
+    if tensor is None:
+        return None
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("native kernels take contiguous CPU tensors")
+    return int(tensor.data_ptr())
+
+
+def native_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, splits: int | None, out_features: int
+) -> NativeLinear:
+    """The struct for a :class:`~streamgen.model.linear.Linear`'s weight layout:
+    ``[out, in]`` (``splits`` None) or column slabs ``[splits, in, out / splits]``."""
+    code = dtype_code(weight.dtype)
+    if code is None:
+        raise ValueError(f"no native linear kernel for {weight.dtype}")
+    in_features = weight.shape[-1] if splits is None else weight.shape[1]
+    return NativeLinear(
+        ptr(weight), ptr(bias), code, splits or 0, out_features, in_features
+    )
+
+
+class NativeKernels:
+    """The loaded library's entry points, typed.
+
+    >>> kernels = native_kernels()  # None where they cannot be built  # doctest: +SKIP
+    >>> kernels.linear(struct, x, y)  # y [m, out] f32 = x [m, in] f32 @ W^T + b
+    """
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+        self._linear = library.sg_linear_forward
+        self._linear.argtypes = [ctypes.POINTER(NativeLinear), vp, vp, i64]
+        self._rms_norm = library.sg_rms_norm
+        self._rms_norm.argtypes = [vp, vp, ctypes.c_int32, vp, i64, i64, f32]
+        self._decode_layers = library.sg_decode_layers
+        self._decode_layers.argtypes = [
+            ctypes.POINTER(NativeModel), ctypes.POINTER(NativeLayer), i64, vp, i64,
+            vp, vp, vp, vp, i64, vp, vp, vp,
+        ]
+        for fn in (self._linear, self._rms_norm, self._decode_layers):
+            fn.restype = ctypes.c_int
+        self.simd = bool(library.sg_simd_level())
+
+    def linear(self, lin: NativeLinear, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out [m, out_features]`` f32 = ``x [m, in_features]`` f32 @ W^T (+ bias)."""
+        _check(self._linear(ctypes.byref(lin), ptr(x), ptr(out), x.shape[0]))
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x [m, n]`` f32 -> RMS-normalised rows times ``weight [n]`` (f32 or bf16)."""
+        code = dtype_code(weight.dtype)
+        if code is None:
+            raise ValueError(f"no native rms_norm for {weight.dtype}")
+        out = torch.empty_like(x)
+        _check(self._rms_norm(ptr(x), ptr(weight), code, ptr(out), x.shape[0], x.shape[1], eps))
+        return out
+
+    def decode_layers(
+        self,
+        model: NativeModel,
+        layers: ctypes.Array[NativeLayer],
+        num_layers: int,
+        x: torch.Tensor,  # [m, hidden] f32, updated in place (the residual stream)
+        cos: torch.Tensor,  # [m, head_dim / 2] f32
+        sin: torch.Tensor,  # [m, head_dim / 2] f32
+        slots: torch.Tensor,  # [m] int64
+        block_tables: torch.Tensor,  # [m, stride] int64
+        seq_lens: torch.Tensor,  # [m] int64
+        final_norm: torch.Tensor,  # [hidden]
+        out: torch.Tensor,  # [m, hidden] f32
+    ) -> None:
+        _check(self._decode_layers(
+            ctypes.byref(model), layers, num_layers, ptr(x), x.shape[0], ptr(cos), ptr(sin),
+            ptr(slots), ptr(block_tables), block_tables.shape[1], ptr(seq_lens),
+            ptr(final_norm), ptr(out),
+        ))
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"native kernel failed: {_ERRORS.get(code, code)}")
+
+
+@functools.cache
+def native_kernels() -> NativeKernels | None:
+    """The native kernels, or None (with one logged reason) where they cannot be used.
+
+    Built on first use (a second or so with gcc) and cached for the process.
+    """
+    try:
+        return NativeKernels(load_library())
+    except NativeUnavailableError as exc:
+        logger.warning("native CPU kernels unavailable, decoding through torch: %s", exc)
+        return None

@@ -1,0 +1,220 @@
+"""The native CPU kernels against torch: linear layouts, RMSNorm, and whole decode steps.
+
+Every test runs against both builds of ``decode_kernels.c``: the AVX2 + FMA one
+(where this CPU has them) and the scalar one other CPUs get.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_hf_checkpoint, tiny_hf_config
+
+from streamgen.model import load_model
+from streamgen.model.native_decode import NativeDecoder
+from streamgen.native import NativeKernels, NativeUnavailableError, native_kernels
+from streamgen.native.build import build_library, compile_flags, load_library
+from streamgen.native.kernels import native_linear
+from streamgen.runner.batch import ModelBatch, SequenceChunk
+from streamgen.runner.kv_cache import KVCacheConfig
+from streamgen.runner.model_runner import ModelRunner
+
+BLOCK_SIZE = 16
+needs_native = pytest.mark.skipif(native_kernels() is None, reason="no C compiler here")
+
+
+@pytest.fixture(scope="module", params=["simd", "scalar"])
+def kernels(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> NativeKernels:
+    if native_kernels() is None:
+        pytest.skip("no C compiler here")
+    capability = torch.backends.cpu.get_cpu_capability() if request.param == "simd" else "DEFAULT"
+    if request.param == "simd" and "-mavx2" not in compile_flags(capability):
+        pytest.skip("this CPU has no AVX2")
+    path = build_library(tmp_path_factory.mktemp(request.param), capability)
+    loaded = NativeKernels(ctypes.CDLL(str(path)))
+    assert loaded.simd == (request.param == "simd")
+    return loaded
+
+
+# ----- linear ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features, in_features", [(64, 48), (37, 29), (6, 136)])
+def test_linear_rows_layout_matches_torch(
+    kernels: NativeKernels, dtype: torch.dtype, rows: int, out_features: int, in_features: int
+) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(rows, in_features, generator=g)
+    for b in (None, bias):
+        y = torch.empty(rows, out_features)
+        kernels.linear(native_linear(weight, b, None, out_features), x, y)
+        expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        assert torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_linear_column_slabs_match_torch(kernels: NativeKernels, splits: int) -> None:
+    """The fp32 CPU layout of wide layers: [splits, in, out / splits] (model/linear.py)."""
+    g = torch.Generator().manual_seed(splits)
+    out_features, in_features = 96, 40
+    weight = torch.randn(out_features, in_features, generator=g)
+    slabs = weight.view(splits, -1, in_features).transpose(1, 2).contiguous()
+    bias = torch.randn(out_features, generator=g)
+    x = torch.randn(5, in_features, generator=g)
+    y = torch.empty(5, out_features)
+    kernels.linear(native_linear(slabs, bias, splits, out_features), x, y)
+    assert torch.allclose(y, F.linear(x, weight, bias), atol=1e-5)
+
+
+def test_rms_norm_matches_torch(kernels: NativeKernels) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 77, generator=g) * 3
+    for weight in (torch.randn(77, generator=g), torch.randn(77, generator=g).bfloat16()):
+        expected = F.rms_norm(x, (77,), weight.float(), 1e-6)
+        assert torch.allclose(kernels.rms_norm(x, weight, 1e-6), expected, atol=1e-5)
+
+
+# ----- whole decode steps ----------------------------------------------------------------
+CONFIGS = {
+    "llama-gqa": ("llama", {}),
+    "qwen2-bias-mha": ("qwen2", dict(num_key_value_heads=4)),
+    "mistral-window": ("mistral", dict(sliding_window=24, head_dim=16)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_type, overrides = CONFIGS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    make_hf_checkpoint(path, tiny_hf_config(model_type, **overrides))
+    return path
+
+
+def _runner(checkpoint: Path, dtype: str) -> ModelRunner:
+    loaded = load_model(checkpoint, dtype=dtype, load_tokenizer=False)
+    return ModelRunner(loaded, KVCacheConfig(block_size=BLOCK_SIZE, num_blocks=48))
+
+
+def _decode_logits(
+    runner: ModelRunner, decoder: NativeDecoder | None, prompts: list[list[int]], steps: int
+) -> list[torch.Tensor]:
+    """Prefill ``prompts`` (torch path) then ``steps`` decode steps of all of them
+    together through ``decoder`` (None: the torch path); logits of every step."""
+    runner.loaded.model.native_decoder = None
+    tables = [[(7 * i + 5 * j) % 48 for j in range(6)] for i in range(len(prompts))]
+    assert len({b for t in tables for b in t}) == sum(len(t) for t in tables)  # no shared block
+    logits = runner.forward_logits(
+        ModelBatch([SequenceChunk(str(i), p, 0, tables[i]) for i, p in enumerate(prompts)])
+    )
+    ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+    tokens = logits[ends].argmax(-1).tolist()
+    lengths = [len(p) for p in prompts]
+    runner.loaded.model.native_decoder = decoder
+    steps_logits = []
+    for _ in range(steps):
+        batch = ModelBatch([
+            SequenceChunk(str(i), [tokens[i]], lengths[i], tables[i]) for i in range(len(prompts))
+        ])
+        out = runner.forward_logits(batch)
+        steps_logits.append(out)
+        tokens = out.argmax(-1).tolist()
+        lengths = [n + 1 for n in lengths]
+    return steps_logits
+
+
+@needs_native
+def test_decode_steps_match_torch_path_float32(checkpoint: Path, kernels: NativeKernels) -> None:
+    """Three sequences across block boundaries (14 -> 19, 31 -> 36, 47 -> 52 tokens),
+    scattered blocks, GQA / MHA, bias, sliding window: logits within 1e-4 of torch."""
+    runner = _runner(checkpoint, "float32")
+    decoder = NativeDecoder(runner.loaded.model, kernels)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (14, 31, 47)]
+    native = _decode_logits(runner, decoder, prompts, steps=5)
+    reference = _decode_logits(runner, None, prompts, steps=5)
+    for ours, ref in zip(native, reference, strict=True):
+        assert (ours - ref).abs().max() < 1e-4
+
+
+@needs_native
+def test_decode_steps_bfloat16_are_at_least_as_close_to_float32(checkpoint: Path) -> None:
+    """bf16 weights and cache: the native step keeps its residual stream in float32,
+    so it lands no farther from the float32 model than torch's bf16 path does."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (17, 40)]
+    fp32 = _decode_logits(_runner(checkpoint, "float32"), None, prompts, steps=4)
+    runner = _runner(checkpoint, "bfloat16")
+    decoder = runner.loaded.model.native_decoder
+    assert decoder is not None
+    native = _decode_logits(runner, decoder, prompts, steps=4)
+    torch_bf16 = _decode_logits(runner, None, prompts, steps=4)
+    for ours, theirs, exact in zip(native, torch_bf16, fp32, strict=True):
+        scale = float(exact.abs().max())
+        assert (ours - exact).abs().max() <= max(1.5 * float((theirs - exact).abs().max()),
+                                                 0.02 * scale)
+
+
+@needs_native
+def test_native_decoder_takes_only_few_plain_decodes(checkpoint: Path) -> None:
+    runner = _runner(checkpoint, "float32")
+    decoder = runner.loaded.model.native_decoder
+    assert decoder is not None
+    caches = runner.kv_cache.layers
+    decode = runner.prepare(ModelBatch([SequenceChunk("a", [5], 3, [0])])).metadata
+    assert decoder.accepts(decode, 1, caches)
+    prefill = runner.prepare(ModelBatch([SequenceChunk("a", [5, 6], 0, [0])])).metadata
+    assert not decoder.accepts(prefill, 2, caches)
+    many = runner.prepare(
+        ModelBatch([SequenceChunk(str(i), [5], 3, [i]) for i in range(9)])
+    ).metadata
+    assert not decoder.accepts(many, 9, caches)  # above MAX_NATIVE_ROWS: torch's matmuls
+    half = [(k.half(), v.half()) for k, v in caches]
+    assert not decoder.accepts(decode, 1, half)  # a cache of another dtype
+
+
+# ----- building ------------------------------------------------------------------------------
+@needs_native
+def test_build_is_cached_by_source_flags_and_compiler(tmp_path: Path) -> None:
+    first = build_library(tmp_path, "AVX2")
+    stamp = first.stat().st_mtime_ns
+    assert build_library(tmp_path, "AVX2") == first and first.stat().st_mtime_ns == stamp
+    scalar = build_library(tmp_path, "DEFAULT")
+    assert scalar != first
+    assert not list(tmp_path.glob(".build-*"))  # no temporary build left behind
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMGEN_NATIVE", "0")
+    with pytest.raises(NativeUnavailableError, match="STREAMGEN_NATIVE"):
+        load_library()
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", os.fspath(tmp_path / "no-such-cc"))
+    with pytest.raises(NativeUnavailableError, match="no C compiler"):
+        build_library(tmp_path, "AVX2")
+
+
+@needs_native
+def test_layer_structs_follow_every_cache_address(checkpoint: Path) -> None:
+    """A new cache may reuse some addresses of a freed one: any moved K or V cache
+    rebuilds the structs (a stale V address once crashed a benchmark worker)."""
+    runner = _runner(checkpoint, "float32")
+    decoder = runner.loaded.model.native_decoder
+    assert decoder is not None
+    caches = runner.kv_cache.layers
+    first = decoder._layers(caches)
+    assert decoder._layers(caches) is first
+    moved = [(k, v.clone()) for k, v in caches]  # same K addresses, new V addresses
+    array = decoder._layers(moved)
+    assert [layer.v_cache for layer in array] == [v.data_ptr() for _, v in moved]
+    assert [layer.k_cache for layer in array] == [k.data_ptr() for k, _ in caches]
