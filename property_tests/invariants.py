@@ -4,20 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from streamgen.kv import BlockManager, BlockPool
+from streamgen.kv import BlockManager
 from streamgen.scheduler import RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
-
-
-def check_block_pool(pool: BlockPool, owned: dict[str, list[int]]) -> None:
-    """free + used == total; refcounts equal the number of owners; no free block is owned."""
-    assert pool.num_free + pool.num_used == pool.num_blocks
-    counts = [0] * pool.num_blocks
-    for blocks in owned.values():
-        for block in blocks:
-            counts[block] += 1
-    for block, count in enumerate(counts):
-        assert pool.refcount(block) == count, (block, pool.refcount(block), count)
-    assert pool.num_used == sum(1 for c in counts if c > 0)
 
 
 def check_block_manager(bm: BlockManager, fork_family: Mapping[str, int]) -> None:

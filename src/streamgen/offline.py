@@ -1,40 +1,33 @@
 """Synchronous batched generation, without the async engine.
 
-Every request runs in every step (whole-prompt prefill, then one decode
-token per step) over the paged KV cache. It is the simplest correct driver
-of :class:`~streamgen.runner.ModelRunner`: used by the demo, benchmarks and
-tests that compare against HF transformers. Applications want
-``streamgen.Engine`` (continuous batching, streaming, cancellation).
+The engine's own :class:`~streamgen.scheduler.Scheduler` and
+:class:`~streamgen.kv.BlockManager` drive a :class:`~streamgen.runner.ModelRunner`
+on the caller's thread: continuous batching, chunked prefill and recompute
+preemption when the KV pool runs short, the same stop rules as the engine. No
+event loop, no text (token ids in, token ids out). Used by the demo,
+benchmarks and tests that compare against HF transformers; applications want
+``streamgen.Engine`` (streaming, backpressure, cancellation, priorities).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
-from streamgen.errors import CapacityError, ConfigError, InvalidPromptError
-from streamgen.kv.block_pool import BlockPool
+from streamgen.errors import CapacityError, ConfigError
+from streamgen.kv.block_manager import BlockManager
 from streamgen.model.loader import LoadedModel
-from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
-from streamgen.runner.sampler import SamplingRequest
 from streamgen.sampling_params import SamplingParams
-
-
-@dataclass(slots=True)
-class _Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    finished: bool = False
+from streamgen.scheduler import Request, Scheduler, SchedulerConfig
 
 
 class OfflineGenerator:
     """Generate token ids for a list of prompts, all batched together.
+
+    ``max_num_batched_tokens`` and ``max_num_seqs`` bound one step as in
+    :class:`~streamgen.EngineConfig` (the defaults prefill typical prompt sets in
+    one step).
 
     >>> gen = OfflineGenerator(load_model())  # doctest: +SKIP
     >>> gen.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8))
@@ -47,83 +40,84 @@ class OfflineGenerator:
         kv_config: KVCacheConfig | None = None,
         *,
         backend: str = "torch",
+        max_num_batched_tokens: int = 16384,
+        max_num_seqs: int = 256,
     ) -> None:
         self.runner = ModelRunner(loaded, kv_config, backend=backend)
-        self.pool = BlockPool(self.runner.num_blocks)
-        self.eos_token_ids = set(loaded.spec.eos_token_ids)
-        self.max_context = loaded.spec.max_position_embeddings
+        self.config = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            block_size=self.runner.block_size,
+        )
+        # Shared by every call; each call's requests free their blocks when it ends.
+        self.blocks = BlockManager(
+            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=False
+        )
+        self.eos_token_ids = tuple(loaded.spec.eos_token_ids)
+        self.max_model_len = loaded.spec.max_position_embeddings
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
     ) -> list[list[int]]:
-        """Generated token ids per prompt (stopping at EOS / stop ids / max_tokens)."""
-        seqs = self._make_sequences(prompts, params)
-        for _ in self._steps(seqs):
-            pass
-        return [s.output_ids for s in seqs]
+        """Generated token ids per prompt (stopping at EOS / stop ids / max_tokens).
+
+        Raises:
+            InvalidPromptError: a prompt is empty or longer than the model's context.
+            CapacityError: a prompt needs more KV blocks than the whole pool.
+            ConfigError: the params ask for stop strings (no text here), or their
+                count differs from the prompts'.
+        """
+        requests = self._make_requests(prompts, params)
+        outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        for request_id, token_ids in self._run(requests):
+            outputs[request_id].extend(token_ids)
+        return [outputs[r.request_id] for r in requests]
 
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Yield one prompt's tokens as they are generated."""
-        (seq,) = self._make_sequences([prompt], params)
-        for _ in self._steps([seq]):
-            yield seq.output_ids[-1]
+        """Yield one prompt's tokens as they are generated (closing it early frees
+        the request's blocks)."""
+        for _, token_ids in self._run(self._make_requests([prompt], params)):
+            yield from token_ids
 
-    def _make_sequences(
+    def _make_requests(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
-    ) -> list[_Sequence]:
+    ) -> list[Request]:
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(per_prompt) != len(prompts):
             raise ConfigError("give one SamplingParams, or one per prompt")
-        seqs = []
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
-            if not prompt:
-                raise InvalidPromptError(f"prompt {i} is empty")
             if p.stop:
                 raise ConfigError("stop strings need streamgen.Engine (text is not decoded here)")
-            seqs.append(_Sequence(f"req-{i}", list(prompt), p))
-        return seqs
+            request = Request(f"req-{i}", list(prompt), p)
+            request.check_prompt(self.max_model_len, self.blocks.num_total_blocks,
+                                 self.runner.block_size)
+            requests.append(request)
+        return requests
 
-    def _steps(self, seqs: list[_Sequence]) -> Iterator[None]:
+    def _run(self, requests: list[Request]) -> Iterator[tuple[str, list[int]]]:
+        """(request id, new tokens) per request and step until every request ends."""
+        scheduler = Scheduler(
+            self.config, self.blocks,
+            max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+        )
         try:
-            while True:
-                active = [s for s in seqs if not s.finished]
-                if not active:
-                    return
-                chunks = [self._schedule(s) for s in active]
-                output = self.runner.execute(ModelBatch(chunks))
-                for seq, chunk, token in zip(active, chunks, output.token_ids, strict=True):
-                    seq.num_cached += chunk.num_tokens
-                    seq.output_ids.append(token)
-                    seq.finished = self._is_finished(seq, token)
-                yield
+            for request in requests:
+                scheduler.add_request(request)
+            while scheduler.has_unfinished():
+                output = scheduler.schedule()
+                if output.is_empty:  # only backpressure stalls a step, and nothing pushes back here
+                    raise CapacityError("no request could be scheduled")
+                self.runner.apply_block_ops(
+                    output.blocks_to_swap_out, output.blocks_to_swap_in, output.blocks_to_copy
+                )
+                result = self.runner.execute(output.batch)
+                for request_id, token_ids, _finish in scheduler.update(result):
+                    yield request_id, token_ids
         finally:
-            for s in seqs:
-                self.pool.free(s.block_table)
-                s.block_table = []
-
-    def _schedule(self, seq: _Sequence) -> SequenceChunk:
-        tokens = seq.prompt_ids + seq.output_ids
-        new_tokens = tokens[seq.num_cached :]
-        needed = -(-len(tokens) // self.runner.block_size) - len(seq.block_table)
-        if needed > 0:
-            if not self.pool.can_allocate(needed):
-                raise CapacityError("KV cache too small for this offline batch")
-            seq.block_table.extend(self.pool.allocate(needed))
-        sampling = SamplingRequest(seq.params, seq.prompt_ids, tuple(seq.output_ids))
-        return SequenceChunk(seq.request_id, new_tokens, seq.num_cached, seq.block_table, sampling)
-
-    def _is_finished(self, seq: _Sequence, token: int) -> bool:
-        p = seq.params
-        if p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-            return True
-        if len(seq.prompt_ids) + len(seq.output_ids) >= self.max_context:
-            return True
-        if len(seq.output_ids) < p.min_tokens:
-            return False
-        if token in p.stop_token_ids:
-            return True
-        return not p.ignore_eos and token in self.eos_token_ids
+            for request in requests:  # an early exit (error, closed stream) frees blocks
+                scheduler.abort_request(request.request_id)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from streamgen import OfflineGenerator, SamplingParams, load_model
-from streamgen.kv import BlockPool
 from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
@@ -47,9 +46,9 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 def test_logits_match_hf_over_prefill_and_20_decodes(loaded, hf_model) -> None:
     runner = ModelRunner(loaded, KVCacheConfig(num_blocks=16))
-    pool = BlockPool(runner.num_blocks)
+    free_blocks = iter(range(runner.num_blocks))
     tokens = chat_ids(loaded.tokenizer, CHAT_PROMPTS[2])
-    blocks = pool.allocate(-(-len(tokens) // 16))
+    blocks = [next(free_blocks) for _ in range(-(-len(tokens) // 16))]
     ours = runner.forward_logits(ModelBatch([SequenceChunk("r", tokens, 0, blocks)]))
     with torch.no_grad():
         ref = hf_model(torch.tensor([tokens])).logits[0]
@@ -57,7 +56,7 @@ def test_logits_match_hf_over_prefill_and_20_decodes(loaded, hf_model) -> None:
     for _ in range(20):
         tokens.append(int(ours[-1].argmax()))
         if len(blocks) * 16 < len(tokens):
-            blocks += pool.allocate(1)
+            blocks.append(next(free_blocks))
         ours = runner.forward_logits(
             ModelBatch([SequenceChunk("r", tokens[-1:], len(tokens) - 1, blocks)])
         )
@@ -79,7 +78,7 @@ def test_greedy_64_tokens_equal_hf_generate(loaded, hf_model) -> None:
                 torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False
             )[0, len(prompt) :].tolist()
         assert out == ref, loaded.tokenizer.decode(out) + " != " + loaded.tokenizer.decode(ref)
-    assert generator.pool.num_free == generator.pool.num_blocks
+    assert generator.blocks.num_free_blocks == generator.blocks.num_total_blocks
 
 
 def test_output_alone_equals_output_in_a_batch_of_8(loaded) -> None:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from helpers import make_hf_checkpoint, tiny_hf_config
 
-from streamgen.kv import BlockPool
 from streamgen.model import load_model
 from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
@@ -48,15 +47,15 @@ def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
 
 def run_prefill_and_decode(runner, hf_model, prompt, num_decode=20, request_id="r"):
     """Returns the max abs logit diff over the prefill and each decode step."""
-    pool = BlockPool(runner.num_blocks)
+    free_blocks = iter(range(runner.num_blocks))
     tokens = list(prompt)
-    blocks = pool.allocate(-(-len(tokens) // BLOCK_SIZE))
+    blocks = [next(free_blocks) for _ in range(-(-len(tokens) // BLOCK_SIZE))]
     ours = runner.forward_logits(ModelBatch([SequenceChunk(request_id, tokens, 0, blocks)]))
     diffs = [(ours - hf_logits(hf_model, tokens)).abs().max().item()]
     for _ in range(num_decode):
         tokens.append(int(ours[-1].argmax()))
         if len(blocks) * BLOCK_SIZE < len(tokens):
-            blocks += pool.allocate(1)
+            blocks.append(next(free_blocks))
         chunk = SequenceChunk(request_id, tokens[-1:], len(tokens) - 1, blocks)
         ours = runner.forward_logits(ModelBatch([chunk]))
         diffs.append((ours[-1] - hf_logits(hf_model, tokens)[-1]).abs().max().item())

@@ -8,7 +8,7 @@ import pytest
 from helpers import make_hf_checkpoint, tiny_hf_config
 
 from streamgen import OfflineGenerator, SamplingParams, load_model
-from streamgen.errors import InvalidPromptError
+from streamgen.errors import CapacityError, InvalidPromptError
 from streamgen.runner.batch import ModelBatch, SamplingRequest, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
@@ -67,7 +67,7 @@ def test_seeded_request_is_independent_of_its_batch(loaded) -> None:
     assert alone == batched
     assert generator.generate([prompt], SamplingParams(
         temperature=1.0, top_p=0.95, max_tokens=24, ignore_eos=True, seed=8))[0] != alone
-    assert generator.pool.num_free == generator.pool.num_blocks
+    assert generator.blocks.num_free_blocks == generator.blocks.num_total_blocks
 
 
 def test_stop_conditions(loaded) -> None:
@@ -83,3 +83,27 @@ def test_stop_conditions(loaded) -> None:
     assert stopped == free_run[: free_run.index(stop_at) + 1]
     with pytest.raises(InvalidPromptError, match="empty"):
         generator.generate([[]], SamplingParams())
+
+
+def test_offline_generator_preempts_when_the_pool_is_short(loaded) -> None:
+    """Six requests growing to 5 blocks each in a 12-block pool: the scheduler
+    preempts (recompute) instead of failing, and every output equals the output
+    of an unconstrained run; no block is left behind."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [list(range(10 + i, 50 + i)) for i in range(6)]
+    ample = OfflineGenerator(loaded, KVCacheConfig(num_blocks=64)).generate(prompts, params)
+    tight = OfflineGenerator(loaded, KVCacheConfig(num_blocks=12))
+    assert tight.generate(prompts, params) == ample
+    assert tight.blocks.num_free_blocks == tight.blocks.num_total_blocks
+    with pytest.raises(CapacityError, match="KV blocks"):
+        tight.generate([list(range(3, 3 + 13 * 16))], params)  # the prompt alone needs 13
+
+
+def test_offline_stream_closed_early_frees_its_blocks(loaded) -> None:
+    generator = OfflineGenerator(loaded, KVCacheConfig(num_blocks=16))
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = generator.generate([list(range(5, 40))], params)[0]
+    stream = generator.stream(list(range(5, 40)), params)
+    assert [next(stream) for _ in range(4)] == full[:4]
+    stream.close()
+    assert generator.blocks.num_free_blocks == generator.blocks.num_total_blocks

@@ -264,6 +264,17 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* ----- attention -------------------------------------------------------------------- */
 
+/* The float32 row of KV head g at sequence position pos: the cache itself (float32)
+ * or its widened copy in buf (bf16). */
+static inline const float *cache_row(const void *cache, int32_t dt, const int64_t *table,
+                                     int64_t pos, int64_t bs, int64_t kv_heads, int64_t g,
+                                     int64_t D, float *buf) {
+    const int64_t off = ((table[pos / bs] * bs + pos % bs) * kv_heads + g) * D;
+    if (dt == SG_F32) return (const float *)cache + off;
+    load_row((const uint16_t *)cache + off, dt, D, buf);
+    return buf;
+}
+
 /* One decode token per sequence: rotate q and k, write k and v into the cache slot,
  * attend over the sequence's keys [start, seq_len). qkv [m, q_size + 2 kv_size] is
  * rotated in place; out [m, q_size]. scores: >= group * max_seq_len floats;
@@ -292,15 +303,7 @@ static void decode_attention(const sg_model *md, const sg_layer *ly, float *qkv,
         for (int64_t g = 0; g < KVH; g++) {
             /* scores[j][h] for the group's heads, each key read once */
             for (int64_t j = 0; j < n; j++) {
-                const int64_t pos = start + j;
-                const int64_t off = ((table[pos / bs] * bs + pos % bs) * KVH + g) * D;
-                const float *kj;
-                if (dt == SG_F32) {
-                    kj = (const float *)ly->k_cache + off;
-                } else {
-                    load_row((const uint16_t *)ly->k_cache + off, dt, D, kbuf);
-                    kj = kbuf;
-                }
+                const float *kj = cache_row(ly->k_cache, dt, table, start + j, bs, KVH, g, D, kbuf);
                 for (int64_t h = 0; h < group; h++)
                     scores[h * n + j] = dot_f32(q + (g * group + h) * D, kj, D) * md->scale;
             }
@@ -313,15 +316,7 @@ static void decode_attention(const sg_model *md, const sg_layer *ly, float *qkv,
                 memset(out + b * md->q_size + (g * group + h) * D, 0, (size_t)D * sizeof(float));
             }
             for (int64_t j = 0; j < n; j++) {
-                const int64_t pos = start + j;
-                const int64_t off = ((table[pos / bs] * bs + pos % bs) * KVH + g) * D;
-                const float *vj;
-                if (dt == SG_F32) {
-                    vj = (const float *)ly->v_cache + off;
-                } else {
-                    load_row((const uint16_t *)ly->v_cache + off, dt, D, kbuf);
-                    vj = kbuf;
-                }
+                const float *vj = cache_row(ly->v_cache, dt, table, start + j, bs, KVH, g, D, kbuf);
                 for (int64_t h = 0; h < group; h++)
                     axpy_f32(scores[h * n + j], vj, out + b * md->q_size + (g * group + h) * D, D);
             }
