@@ -121,14 +121,16 @@ def _build_model(
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     threads = torch.get_num_threads()
-    for module in model.modules():
-        if isinstance(module, Linear):
-            out_features, in_features = module.weight.shape
-            splits = column_splits(out_features, in_features, dtype, device, threads)
-            module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
+    # With the native kernels, small steps (where the layout matters) run natively
+    # on [out, in] weights; without them, wide fp32 layers get column slabs.
     kernels = native_kernels() if device.type == "cpu" else None
     for module in model.modules():
         if isinstance(module, Linear):
+            out_features, in_features = module.weight.shape
+            splits = None if kernels is not None else column_splits(
+                out_features, in_features, dtype, device, threads
+            )
+            module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
             module.enable_native(kernels)
     model.native_decoder = NativeDecoder.for_model(model, kernels)
     model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)

@@ -1,17 +1,19 @@
-"""Decode steps of a :class:`~streamgen.model.llama.LlamaModel` in one native call.
+"""Small steps of a :class:`~streamgen.model.llama.LlamaModel` in one native call.
 
-A step whose every sequence adds one token (plain decoding, no draft tree), on
-the CPU, with at most ``MAX_NATIVE_ROWS`` sequences, runs its decoder
-layers in ``sg_decode_layers`` (``streamgen/native/decode_kernels.c``) instead
-of ~30 torch ops per layer: embeddings and rope angles are computed by torch,
-then one foreign call runs every layer and the final norm. Larger batches,
-prefill chunks and trees stay on the torch path (batched matmuls and the
-attention backends win there).
+A step of at most ``MAX_NATIVE_ROWS`` new tokens on the CPU (decodes, short
+prefill chunks, speculative draft trees, in any mix) runs its decoder layers
+in ``sg_forward_layers`` (``streamgen/native/decode_kernels.c``) instead of
+~30 torch ops per layer: embeddings and rope angles are computed by torch,
+then one foreign call runs every layer and the final norm. Larger steps
+(long prefills, big decode batches) stay on the torch path, whose batched
+matmuls and attention backends win there.
 
 The residual stream is float32 inside the call, also for bfloat16 weights,
 whose rows are widened in registers: the step reads each weight once, at
 memory speed. The attention backend is bypassed: the kernel writes K/V into
-the paged cache and attends over it like the torch reference.
+the paged cache and attends over it like the torch reference, with the
+step's tree mask where it has one (a sliding window does not combine with a
+tree mask: such steps go to torch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from streamgen.attention.backend import AttentionMetadata
+from streamgen.model.linear import Linear as LinearLayer
 from streamgen.native.kernels import (
     MAX_NATIVE_ROWS,
     NativeKernels,
@@ -33,7 +36,6 @@ from streamgen.native.kernels import (
 )
 
 if TYPE_CHECKING:
-    from streamgen.model.linear import Linear
     from streamgen.model.llama import DecoderLayer, LlamaModel
 
 class NativeDecoder:
@@ -60,9 +62,12 @@ class NativeDecoder:
 
     @classmethod
     def for_model(cls, model: LlamaModel, kernels: NativeKernels | None) -> NativeDecoder | None:
-        """A decoder where the kernels exist and cover the model's device and dtype."""
+        """A decoder where the kernels exist and cover the model's device, dtype and
+        weight layout (``[out, in]``)."""
         weight = model.embed_tokens.weight
         if kernels is None or weight.device.type != "cpu" or dtype_code(weight.dtype) is None:
+            return None
+        if any(isinstance(m, LinearLayer) and m.splits is not None for m in model.modules()):
             return None
         return cls(model, kernels)
 
@@ -72,13 +77,12 @@ class NativeDecoder:
         num_tokens: int,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> bool:
-        """Whether this step is a few plain decodes (one new token per sequence) over
-        contiguous caches of the model's dtype."""
+        """Whether this step is small (at most ``MAX_NATIVE_ROWS`` new tokens) and its
+        caches are contiguous, of the model's dtype."""
         k_cache = kv_caches[0][0]
         return (
             0 < num_tokens <= MAX_NATIVE_ROWS
-            and metadata.num_seqs == num_tokens
-            and metadata.tree_mask is None
+            and (metadata.tree_mask is None or metadata.sliding_window is None)
             and k_cache.dtype == self.dtype
             and k_cache.device.type == "cpu"
             and k_cache.is_contiguous()
@@ -87,7 +91,7 @@ class NativeDecoder:
     @torch.inference_mode()
     def forward(
         self,
-        input_ids: torch.Tensor,  # [m] int64
+        input_ids: torch.Tensor,  # [m] int64, the step's new tokens
         positions: torch.Tensor,  # [m] int64
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         metadata: AttentionMetadata,
@@ -98,15 +102,19 @@ class NativeDecoder:
         inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [m, head_dim / 2]
         cos, sin = angles.cos(), angles.sin()
-        block_tables = metadata.block_tables.contiguous()
         layers = self._layers(kv_caches)
         if num_layers > len(layers):
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")
         out = torch.empty_like(x)
         self.struct.block_size = kv_caches[0][0].shape[1]
-        self.kernels.decode_layers(
+        tree = metadata.tree_mask
+        self.kernels.forward_layers(
             self.struct, layers, num_layers, x, cos, sin,
-            metadata.slot_mapping.contiguous(), block_tables, metadata.seq_lens.contiguous(),
+            metadata.slot_mapping.contiguous(),
+            metadata.query_start_loc.contiguous(),
+            metadata.seq_lens.contiguous(),
+            metadata.block_tables.contiguous(),
+            None if tree is None else tree.contiguous(),  # bool: one byte per entry
             model.norm.weight, out,
         )
         return out.to(self.dtype)
@@ -137,5 +145,7 @@ class NativeDecoder:
         return array
 
 
-def _linear(linear: Linear) -> ctypes.Structure:
-    return native_linear(linear.weight, linear.bias, linear.splits, linear.out_features)
+def _linear(linear: LinearLayer) -> ctypes.Structure:
+    if linear.splits is not None:
+        raise ValueError("native kernels need [out, in] weights (the loader keeps that layout)")
+    return native_linear(linear.weight, linear.bias)

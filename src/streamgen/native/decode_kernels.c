@@ -1,6 +1,6 @@
 /*
- * streamgen's native CPU decode path: the decoder layers of a Llama-family
- * model for a few decode tokens (one new token per sequence), in one call.
+ * streamgen's native CPU path for small steps: the decoder layers of a
+ * Llama-family model over a few rows (decodes, short chunks, draft trees), in one call.
  *
  * Why: at batch 1 a decode step is ~120 matrix-vector products plus ~30
  * small tensor ops per layer. Through torch each small op costs a dispatch
@@ -15,8 +15,7 @@
  * optional sliding window); tests/native/ checks every kernel against torch.
  *
  * Layouts (row-major, contiguous):
- *   linear weight   [out, in]                 (splits == 0)
- *                   [splits, in, out / splits] (splits >= 1: column slabs)
+ *   linear weight   [out, in]   (the loader keeps this layout where the kernels are used)
  *   KV cache        [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_tables    [num_seqs, bt_stride] int64
  *
@@ -121,6 +120,27 @@ static inline __m256 load8_bf16(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+
+/* exp(x) for 8 floats: range reduction x = n ln2 + r, a degree-6 polynomial for e^r
+ * (Cephes' expf coefficients, ~2 ulp), 2^n through the exponent bits. exp(-inf) = 0. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                               _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(0x7f)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
 #endif
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
@@ -152,87 +172,142 @@ static inline void axpy_f32(float a, const float *x, float *y, int64_t n) {
 
 /* ----- linear layers ------------------------------------------------------------- */
 
-/* y[r, o] = sum_i w[o, i] x[r, i], w [out, in] bf16: four weight rows at a time, each
- * widened once per 8 columns and used for every input row while it sits in L1. */
-static void gemv_rows_bf16(const uint16_t *w, const float *x, float *y, int64_t m, int64_t out,
-                           int64_t in, int64_t y_stride) {
-    int64_t o = 0;
 #if SG_AVX2
-    for (; o + 4 <= out; o += 4) {
-        const uint16_t *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        for (int64_t r = 0; r < m; r++) {
-            const float *xr = x + r * in;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= in; i += 8) {
-                __m256 xv = _mm256_loadu_ps(xr + i);
-                a0 = _mm256_fmadd_ps(load8_bf16(w0 + i), xv, a0);
-                a1 = _mm256_fmadd_ps(load8_bf16(w1 + i), xv, a1);
-                a2 = _mm256_fmadd_ps(load8_bf16(w2 + i), xv, a2);
-                a3 = _mm256_fmadd_ps(load8_bf16(w3 + i), xv, a3);
-            }
-            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
-            for (; i < in; i++) {
-                s0 += bf16_to_f32(w0[i]) * xr[i];
-                s1 += bf16_to_f32(w1[i]) * xr[i];
-                s2 += bf16_to_f32(w2[i]) * xr[i];
-                s3 += bf16_to_f32(w3[i]) * xr[i];
-            }
-            float *yr = y + r * y_stride + o;
-            yr[0] = s0, yr[1] = s1, yr[2] = s2, yr[3] = s3;
-        }
-    }
+static inline __m256 load8(const void *w, int32_t dtype, int64_t i) {
+    return dtype == SG_BF16 ? load8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
 #endif
-    for (; o < out; o++) {
-        const uint16_t *wo = w + o * in;
-        for (int64_t r = 0; r < m; r++) {
-            const float *xr = x + r * in;
-            float s = 0.0f;
-            for (int64_t i = 0; i < in; i++) s += bf16_to_f32(wo[i]) * xr[i];
-            y[r * y_stride + o] = s;
+
+/* y[r, o] = sum_i w[o, i] x[r, i] for weight rows [o0, o0 + 4) and input rows [r0, r0 + 2):
+ * 4 x 2 accumulators, each weight vector loaded (and widened) once per pair of rows.
+ * Inlined with a constant dtype, so the loop has no branch. */
+static inline __attribute__((always_inline)) void gemm_tile_4x2(
+    const void *w, int32_t dtype, const float *x, float *y, int64_t o0, int64_t r0, int nr,
+    int64_t in, int64_t out, int prefetch_next) {
+    const size_t elem = dtype == SG_BF16 ? 2 : 4;
+    const char *w0 = (const char *)w + (size_t)(o0 * in) * elem;
+    const char *w1 = w0 + (size_t)in * elem, *w2 = w1 + (size_t)in * elem, *w3 = w2 + (size_t)in * elem;
+    const float *x0 = x + r0 * in, *x1 = nr > 1 ? x0 + in : x0;
+    float s[4][2] = {{0}};
+    int64_t i = 0;
+#if SG_AVX2
+    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps();
+    __m256 a11 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
+    __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
+    /* The first tile of a weight block streams it from memory: fetch the next block
+     * meanwhile, so the later tiles (from L1) overlap with that stream. */
+    const char *next = w3 + (size_t)in * elem;
+    for (; i + 8 <= in; i += 8) {
+        if (prefetch_next) {
+            const size_t off = (size_t)i * elem;
+            _mm_prefetch(next + off, _MM_HINT_T0);
+            _mm_prefetch(next + (size_t)in * elem + off, _MM_HINT_T0);
+            _mm_prefetch(next + 2 * (size_t)in * elem + off, _MM_HINT_T0);
+            _mm_prefetch(next + 3 * (size_t)in * elem + off, _MM_HINT_T0);
         }
+        const __m256 v0 = load8(w0, dtype, i), v1 = load8(w1, dtype, i);
+        const __m256 v2 = load8(w2, dtype, i), v3 = load8(w3, dtype, i);
+        const __m256 xa = _mm256_loadu_ps(x0 + i);
+        a00 = _mm256_fmadd_ps(v0, xa, a00), a10 = _mm256_fmadd_ps(v1, xa, a10);
+        a20 = _mm256_fmadd_ps(v2, xa, a20), a30 = _mm256_fmadd_ps(v3, xa, a30);
+        if (nr > 1) { /* constant after inlining */
+            const __m256 xb = _mm256_loadu_ps(x1 + i);
+            a01 = _mm256_fmadd_ps(v0, xb, a01), a11 = _mm256_fmadd_ps(v1, xb, a11);
+            a21 = _mm256_fmadd_ps(v2, xb, a21), a31 = _mm256_fmadd_ps(v3, xb, a31);
+        }
+    }
+    s[0][0] = hsum256(a00), s[0][1] = hsum256(a01), s[1][0] = hsum256(a10), s[1][1] = hsum256(a11);
+    s[2][0] = hsum256(a20), s[2][1] = hsum256(a21), s[3][0] = hsum256(a30), s[3][1] = hsum256(a31);
+#endif
+    const void *rows[4] = {w0, w1, w2, w3};
+    for (; i < in; i++)
+        for (int k = 0; k < 4; k++) {
+            const float wv = load_elem(rows[k], dtype, i);
+            s[k][0] += wv * x0[i];
+            s[k][1] += wv * x1[i];
+        }
+    for (int k = 0; k < 4; k++) {
+        y[r0 * out + o0 + k] = s[k][0];
+        if (nr > 1) y[(r0 + 1) * out + o0 + k] = s[k][1];
     }
 }
 
-static void gemv_rows_f32(const float *w, const float *x, float *y, int64_t m, int64_t out,
-                          int64_t in, int64_t y_stride) {
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t r = 0; r < m; r++) y[r * y_stride + o] = dot_f32(w + o * in, x + r * in, in);
+/* y[r, o0 .. o0 + 8) for one input row: 8 weight rows streamed at once (memory-level
+ * parallelism for the matrix-vector product of plain decoding). */
+static inline __attribute__((always_inline)) void gemv_tile_8(
+    const void *w, int32_t dtype, const float *x, float *y, int64_t o0, int64_t in) {
+    const size_t elem = dtype == SG_BF16 ? 2 : 4;
+    const char *rows[8];
+    for (int k = 0; k < 8; k++) rows[k] = (const char *)w + (size_t)((o0 + k) * in) * elem;
+    float s[8] = {0};
+    int64_t i = 0;
+#if SG_AVX2
+    __m256 acc[8];
+    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+    for (; i + 8 <= in; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(load8(rows[k], dtype, i), xv, acc[k]);
+    }
+    for (int k = 0; k < 8; k++) s[k] = hsum256(acc[k]);
+#endif
+    for (; i < in; i++)
+        for (int k = 0; k < 8; k++) s[k] += load_elem(rows[k], dtype, i) * x[i];
+    for (int k = 0; k < 8; k++) y[o0 + k] = s[k];
 }
 
-/* y[r, 0..cols) = x[r] @ w, w [in, cols] (one column slab), by rows of w. */
-static void gemv_cols(const void *w, int32_t dtype, const float *x, float *y, int64_t m,
-                      int64_t cols, int64_t in, int64_t y_stride, float *row_buf) {
-    for (int64_t r = 0; r < m; r++) memset(y + r * y_stride, 0, (size_t)cols * sizeof(float));
-    for (int64_t i = 0; i < in; i++) {
-        const float *wi;
-        if (dtype == SG_F32) {
-            wi = (const float *)w + i * cols;
-        } else {
-            load_row((const uint16_t *)w + i * cols, dtype, cols, row_buf);
-            wi = row_buf;
-        }
-        for (int64_t r = 0; r < m; r++) axpy_f32(x[r * in + i], wi, y + r * y_stride, cols);
+/* y[r, o] for one weight row o and input rows [r0, r1): the remainder tiles. */
+static inline __attribute__((always_inline)) void gemm_row(
+    const void *w, int32_t dtype, const float *x, float *y, int64_t o, int64_t r0, int64_t r1,
+    int64_t in, int64_t out) {
+    const size_t elem = dtype == SG_BF16 ? 2 : 4;
+    const char *wo = (const char *)w + (size_t)(o * in) * elem;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * in;
+        float acc = 0.0f;
+        int64_t i = 0;
+#if SG_AVX2
+        __m256 a = _mm256_setzero_ps();
+        for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(load8(wo, dtype, i), _mm256_loadu_ps(xr + i), a);
+        acc = hsum256(a);
+#endif
+        for (; i < in; i++) acc += load_elem(wo, dtype, i) * xr[i];
+        y[r * out + o] = acc;
     }
 }
 
-/* y [m, out] = x [m, in] @ W^T + b. row_buf: >= out floats of scratch. */
-static void linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m, float *row_buf) {
-    const int64_t out = lin->out_features, in = lin->in_features;
-    if (lin->splits == 0) {
-        if (lin->dtype == SG_BF16)
-            gemv_rows_bf16((const uint16_t *)lin->weight, x, y, m, out, in, out);
-        else
-            gemv_rows_f32((const float *)lin->weight, x, y, m, out, in, out);
-    } else {
-        const int64_t cols = out / lin->splits;
-        const size_t elem = lin->dtype == SG_BF16 ? 2 : 4;
-        for (int64_t s = 0; s < lin->splits; s++) {
-            const char *slab = (const char *)lin->weight + (size_t)(s * in * cols) * elem;
-            gemv_cols(slab, lin->dtype, x, y + s * cols, m, cols, in, out, row_buf);
-        }
-    }
+#define SG_GEMM_BODY(DTYPE)                                                                  \
+    do {                                                                                     \
+        if (m == 1) {                                                                        \
+            int64_t o = 0;                                                                   \
+            for (; o + 8 <= out; o += 8) gemv_tile_8(w, DTYPE, x, y, o, in);                 \
+            for (; o < out; o++) gemm_row(w, DTYPE, x, y, o, 0, 1, in, out);                 \
+            return;                                                                          \
+        }                                                                                    \
+        const int64_t pairs = m & ~(int64_t)1;                                               \
+        int64_t o = 0;                                                                       \
+        for (; o + 4 <= out; o += 4) {                                                       \
+            const int pf = o + 8 <= out;                                                     \
+            for (int64_t r = 0; r < pairs; r += 2)                                           \
+                gemm_tile_4x2(w, DTYPE, x, y, o, r, 2, in, out, pf && r == 0);               \
+            if (pairs < m) /* the odd last row */                                            \
+                gemm_tile_4x2(w, DTYPE, x, y, o, pairs, 1, in, out, pf && pairs == 0);       \
+        }                                                                                    \
+        for (; o < out; o++) gemm_row(w, DTYPE, x, y, o, 0, m, in, out);                     \
+    } while (0)
+
+/* y [m, out] = x [m, in] @ W^T, W [out, in]. */
+static void gemm_rows(const void *w, int32_t dtype, const float *x, float *y, int64_t m,
+                      int64_t out, int64_t in) {
+    if (dtype == SG_BF16)
+        SG_GEMM_BODY(SG_BF16);
+    else
+        SG_GEMM_BODY(SG_F32);
+}
+
+/* y [m, out] = x [m, in] @ W^T + b. */
+static void linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
+    const int64_t out = lin->out_features;
+    gemm_rows(lin->weight, lin->dtype, x, y, m, out, lin->in_features);
     if (lin->bias != NULL)
         for (int64_t r = 0; r < m; r++)
             for (int64_t o = 0; o < out; o++) y[r * out + o] += load_elem(lin->bias, lin->dtype, o);
@@ -260,7 +335,38 @@ static void rope_head(float *x, const float *cos_t, const float *sin_t, int64_t 
     }
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+/* out = silu(gate) * up */
+static void silu_mul(const float *gate, const float *up, float *out, int64_t n) {
+    int64_t i = 0;
+#if SG_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* s[k] = exp(s[k] - mx) in place; returns their sum. */
+static float exp_shifted(float *s, int64_t n, float mx) {
+    int64_t k = 0;
+    float sum = 0.0f;
+#if SG_AVX2
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= n; k += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8));
+        _mm256_storeu_ps(s + k, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum256(acc);
+#endif
+    for (; k < n; k++) sum += (s[k] = expf(s[k] - mx));
+    return sum;
+}
 
 /* ----- attention -------------------------------------------------------------------- */
 
@@ -275,50 +381,78 @@ static inline const float *cache_row(const void *cache, int32_t dt, const int64_
     return buf;
 }
 
-/* One decode token per sequence: rotate q and k, write k and v into the cache slot,
- * attend over the sequence's keys [start, seq_len). qkv [m, q_size + 2 kv_size] is
- * rotated in place; out [m, q_size]. scores: >= group * max_seq_len floats;
- * kbuf: >= head_dim floats. */
-static void decode_attention(const sg_model *md, const sg_layer *ly, float *qkv, const float *cos_t,
-                             const float *sin_t, const int64_t *slots, const int64_t *block_tables,
-                             int64_t bt_stride, const int64_t *seq_lens, int64_t m, float *out,
-                             float *scores, float *kbuf) {
+/* The rows of one step (see sg_forward_layers for the arguments). */
+typedef struct {
+    const float *cos_t, *sin_t;
+    const int64_t *slots, *query_start, *seq_lens, *block_tables;
+    int64_t num_seqs, bt_stride;
+    const uint8_t *tree_mask; /* [m, tree_stride] or NULL (causal) */
+    int64_t tree_stride;
+} sg_step;
+
+/* Whether row i of a chunk (prefix keys before it) sees the key at position k. */
+static inline int visible(const sg_model *md, const sg_step *st, int64_t row, int64_t i,
+                          int64_t prefix, int64_t k) {
+    const int64_t pos = prefix + i;
+    if (md->window > 0 && k <= pos - md->window) return 0;
+    if (k < prefix) return 1;
+    const int64_t j = k - prefix; /* a token of the chunk itself */
+    return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
+}
+
+/* Rotate q and k, write k and v into the cache slots, attend. qkv [m, q_size + 2 kv_size]
+ * is rotated in place; out [m, q_size]. scores: >= max_q * group * max_seq_len floats;
+ * kbuf: >= head_dim floats. Each cached key and value is read once per KV head for all
+ * the rows and query heads of its sequence. */
+static void attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
+                      int64_t m, float *out, float *scores, float *kbuf) {
     const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
     const int64_t group = H / KVH, bs = md->block_size, row = md->q_size + 2 * md->kv_size;
     const int32_t dt = md->dtype;
-    for (int64_t b = 0; b < m; b++) {
-        float *q = qkv + b * row, *k = q + md->q_size, *v = k + md->kv_size;
-        const float *cb = cos_t + b * half, *sb = sin_t + b * half;
+    for (int64_t r = 0; r < m; r++) {
+        float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;
+        const float *cb = st->cos_t + r * half, *sb = st->sin_t + r * half;
         for (int64_t h = 0; h < H; h++) rope_head(q + h * D, cb, sb, half);
         for (int64_t h = 0; h < KVH; h++) rope_head(k + h * D, cb, sb, half);
-        const int64_t slot_base = slots[b] * KVH * D;
+        const int64_t base = st->slots[r] * KVH * D;
         for (int64_t i = 0; i < KVH * D; i++) {
-            store_elem(ly->k_cache, dt, slot_base + i, k[i]);
-            store_elem(ly->v_cache, dt, slot_base + i, v[i]);
+            store_elem(ly->k_cache, dt, base + i, k[i]);
+            store_elem(ly->v_cache, dt, base + i, v[i]);
         }
-        const int64_t len = seq_lens[b];
-        const int64_t start = (md->window > 0 && len > md->window) ? len - md->window : 0;
-        const int64_t n = len - start;
-        const int64_t *table = block_tables + b * bt_stride;
+    }
+    for (int64_t b = 0; b < st->num_seqs; b++) {
+        const int64_t first = st->query_start[b], q_len = st->query_start[b + 1] - first;
+        const int64_t n = st->seq_lens[b], prefix = n - q_len;
+        const int64_t *table = st->block_tables + b * st->bt_stride;
         for (int64_t g = 0; g < KVH; g++) {
-            /* scores[j][h] for the group's heads, each key read once */
-            for (int64_t j = 0; j < n; j++) {
-                const float *kj = cache_row(ly->k_cache, dt, table, start + j, bs, KVH, g, D, kbuf);
-                for (int64_t h = 0; h < group; h++)
-                    scores[h * n + j] = dot_f32(q + (g * group + h) * D, kj, D) * md->scale;
+            /* scores[(i * group + h) * n + key] */
+            for (int64_t key = 0; key < n; key++) {
+                const float *kv = cache_row(ly->k_cache, dt, table, key, bs, KVH, g, D, kbuf);
+                for (int64_t i = 0; i < q_len; i++) {
+                    const int seen = visible(md, st, first + i, i, prefix, key);
+                    const float *qi = qkv + (first + i) * row + g * group * D;
+                    for (int64_t h = 0; h < group; h++)
+                        scores[(i * group + h) * n + key] =
+                            seen ? dot_f32(qi + h * D, kv, D) * md->scale : -INFINITY;
+                }
             }
-            for (int64_t h = 0; h < group; h++) {
-                float *s = scores + h * n, mx = -INFINITY, sum = 0.0f;
-                for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-                for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < n; j++) s[j] *= inv;
-                memset(out + b * md->q_size + (g * group + h) * D, 0, (size_t)D * sizeof(float));
-            }
-            for (int64_t j = 0; j < n; j++) {
-                const float *vj = cache_row(ly->v_cache, dt, table, start + j, bs, KVH, g, D, kbuf);
-                for (int64_t h = 0; h < group; h++)
-                    axpy_f32(scores[h * n + j], vj, out + b * md->q_size + (g * group + h) * D, D);
+            for (int64_t i = 0; i < q_len; i++)
+                for (int64_t h = 0; h < group; h++) {
+                    float *sc = scores + (i * group + h) * n, mx = -INFINITY;
+                    for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
+                    const float inv = 1.0f / exp_shifted(sc, n, mx);
+                    for (int64_t key = 0; key < n; key++) sc[key] *= inv;
+                    memset(out + (first + i) * md->q_size + (g * group + h) * D, 0,
+                           (size_t)D * sizeof(float));
+                }
+            for (int64_t key = 0; key < n; key++) {
+                const float *vv = cache_row(ly->v_cache, dt, table, key, bs, KVH, g, D, kbuf);
+                for (int64_t i = 0; i < q_len; i++)
+                    for (int64_t h = 0; h < group; h++) {
+                        const float p = scores[(i * group + h) * n + key];
+                        if (p != 0.0f)
+                            axpy_f32(p, vv, out + (first + i) * md->q_size + (g * group + h) * D, D);
+                    }
             }
         }
     }
@@ -326,13 +460,10 @@ static void decode_attention(const sg_model *md, const sg_layer *ly, float *qkv,
 
 /* ----- entry points ---------------------------------------------------------------- */
 
-/* y [m, out] float32 = x [m, in] float32 @ W^T (+ b). */
+/* y [m, out] float32 = x [m, in] float32 @ W^T (+ b), W [out, in]. */
 int sg_linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
-    if (lin->splits < 0 || (lin->splits > 0 && lin->out_features % lin->splits)) return SG_EINVAL;
-    float *row_buf = (float *)malloc((size_t)lin->out_features * sizeof(float));
-    if (row_buf == NULL) return SG_ENOMEM;
-    linear_forward(lin, x, y, m, row_buf);
-    free(row_buf);
+    if (lin->splits != 0) return SG_EINVAL;
+    linear_forward(lin, x, y, m);
     return SG_OK;
 }
 
@@ -343,51 +474,64 @@ int sg_rms_norm(const float *x, const void *w, int32_t dtype, float *out, int64_
     return SG_OK;
 }
 
-/* The decoder layers for m decode tokens (one per sequence):
- *   x [m, hidden] float32   the embeddings in, the residual stream out (before the final norm)
- *   cos_t, sin_t [m, head_dim / 2] float32, the rope angles of each token's position
- *   slots [m], block_tables [m, bt_stride], seq_lens [m] int64 (context after the token)
+/* The decoder layers over the m rows of a small step: decodes, prefill chunks and
+ * draft trees of several sequences, rows in sequence order.
+ *   x [m, hidden] float32      the embeddings in, the residual stream out
+ *   cos_t, sin_t [m, head_dim / 2] float32, the rope angles of each row's position
+ *   slots [m] int64            the cache slot each row's K/V goes to
+ *   query_start [num_seqs + 1] int64, seq_lens [num_seqs] int64 (context after the step),
+ *   block_tables [num_seqs, bt_stride] int64
+ *   tree_mask [m, tree_stride] uint8 or NULL: row r sees the j-th token of its own chunk
+ *       (NULL: causal); the chunk's tokens sit at cache positions seq_len - q_len + j
  *   final_norm: weight of the final norm; out [m, hidden] float32 = final_norm(x)
+ * All weights in [out, in] layout (splits == 0).
  */
-int sg_decode_layers(const sg_model *md, const sg_layer *layers, int64_t num_layers, float *x,
-                     int64_t m, const float *cos_t, const float *sin_t, const int64_t *slots,
-                     const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
-                     const void *final_norm, float *out) {
+int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_layers, float *x,
+                      int64_t m, const float *cos_t, const float *sin_t, const int64_t *slots,
+                      int64_t num_seqs, const int64_t *query_start, const int64_t *seq_lens,
+                      const int64_t *block_tables, int64_t bt_stride, const uint8_t *tree_mask,
+                      int64_t tree_stride, const void *final_norm, float *out) {
     if (md->num_kv_heads <= 0 || md->num_heads % md->num_kv_heads || md->head_dim % 2) return SG_EINVAL;
-    int64_t max_len = 1;
-    for (int64_t b = 0; b < m; b++) {
-        if (seq_lens[b] < 1) return SG_EINVAL;
-        max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    if (num_seqs < 1 || query_start[0] != 0 || query_start[num_seqs] != m) return SG_EINVAL;
+    int64_t max_cells = 1; /* max over sequences of q_len * seq_len */
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t q_len = query_start[b + 1] - query_start[b];
+        if (q_len < 1 || seq_lens[b] < q_len || (tree_mask != NULL && q_len > tree_stride))
+            return SG_EINVAL;
+        max_cells = q_len * seq_lens[b] > max_cells ? q_len * seq_lens[b] : max_cells;
     }
+    for (int64_t l = 0; l < num_layers; l++) {
+        const sg_linear *lins[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
+        for (int k = 0; k < 4; k++)
+            if (lins[k]->splits != 0) return SG_EINVAL;
+    }
+    const sg_step st = {cos_t, sin_t, slots, query_start, seq_lens, block_tables,
+                        num_seqs, bt_stride, tree_mask, tree_stride};
     const int64_t Hd = md->hidden, I = md->intermediate, row = md->q_size + 2 * md->kv_size;
     const int64_t group = md->num_heads / md->num_kv_heads;
-    int64_t widest = 2 * I > row ? 2 * I : row;
-    widest = widest > Hd ? widest : Hd;
-    const size_t floats = (size_t)(m * Hd        /* normed */
-                                   + m * row     /* qkv */
+    const size_t floats = (size_t)(m * Hd           /* normed */
+                                   + m * row        /* qkv */
                                    + m * md->q_size /* attention out */
-                                   + m * 2 * I   /* gate_up */
-                                   + m * I       /* activation */
-                                   + m * Hd      /* projection out */
-                                   + group * max_len + md->head_dim + widest);
+                                   + m * 2 * I      /* gate_up */
+                                   + m * I          /* activation */
+                                   + m * Hd         /* projection out */
+                                   + group * max_cells + md->head_dim);
     float *arena = (float *)malloc(floats * sizeof(float));
     if (arena == NULL) return SG_ENOMEM;
     float *normed = arena, *qkv = normed + m * Hd, *attn = qkv + m * row, *gu = attn + m * md->q_size;
     float *act = gu + m * 2 * I, *proj = act + m * I, *scores = proj + m * Hd;
-    float *kbuf = scores + group * max_len, *row_buf = kbuf + md->head_dim;
+    float *kbuf = scores + group * max_cells;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
-        linear_forward(&ly->qkv, normed, qkv, m, row_buf);
-        decode_attention(md, ly, qkv, cos_t, sin_t, slots, block_tables, bt_stride, seq_lens, m,
-                         attn, scores, kbuf);
-        linear_forward(&ly->o, attn, proj, m, row_buf);
+        linear_forward(&ly->qkv, normed, qkv, m);
+        attention(md, ly, &st, qkv, m, attn, scores, kbuf);
+        linear_forward(&ly->o, attn, proj, m);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
         rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
-        linear_forward(&ly->gate_up, normed, gu, m, row_buf);
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t i = 0; i < I; i++) act[r * I + i] = silu(gu[r * 2 * I + i]) * gu[r * 2 * I + I + i];
-        linear_forward(&ly->down, act, proj, m, row_buf);
+        linear_forward(&ly->gate_up, normed, gu, m);
+        for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
+        linear_forward(&ly->down, act, proj, m);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
     }
     rms_norm(x, final_norm, md->dtype, out, m, Hd, md->eps);

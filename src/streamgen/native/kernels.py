@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
-# Rows (decode tokens) up to which the native matrix-vector kernels beat torch's matmuls.
-MAX_NATIVE_ROWS = 8
+# Rows per step up to which the native kernels beat torch's matmuls (see native_decode.py).
+MAX_NATIVE_ROWS = 32
 _ERRORS = {-1: "out of memory", -2: "invalid arguments"}
 
 
@@ -79,18 +79,13 @@ def ptr(tensor: torch.Tensor | None) -> int | None:
     return int(tensor.data_ptr())
 
 
-def native_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, splits: int | None, out_features: int
-) -> NativeLinear:
-    """The struct for a :class:`~streamgen.model.linear.Linear`'s weight layout:
-    ``[out, in]`` (``splits`` None) or column slabs ``[splits, in, out / splits]``."""
+def native_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> NativeLinear:
+    """The struct of a linear layer's ``weight [out, in]`` and ``bias [out]``."""
     code = dtype_code(weight.dtype)
-    if code is None:
-        raise ValueError(f"no native linear kernel for {weight.dtype}")
-    in_features = weight.shape[-1] if splits is None else weight.shape[1]
-    return NativeLinear(
-        ptr(weight), ptr(bias), code, splits or 0, out_features, in_features
-    )
+    if code is None or weight.dim() != 2:
+        raise ValueError(f"no native linear kernel for a {weight.dtype} weight of {weight.shape}")
+    out_features, in_features = weight.shape
+    return NativeLinear(ptr(weight), ptr(bias), code, 0, out_features, in_features)
 
 
 class NativeKernels:
@@ -106,12 +101,12 @@ class NativeKernels:
         self._linear.argtypes = [ctypes.POINTER(NativeLinear), vp, vp, i64]
         self._rms_norm = library.sg_rms_norm
         self._rms_norm.argtypes = [vp, vp, ctypes.c_int32, vp, i64, i64, f32]
-        self._decode_layers = library.sg_decode_layers
-        self._decode_layers.argtypes = [
+        self._forward_layers = library.sg_forward_layers
+        self._forward_layers.argtypes = [
             ctypes.POINTER(NativeModel), ctypes.POINTER(NativeLayer), i64, vp, i64,
-            vp, vp, vp, vp, i64, vp, vp, vp,
+            vp, vp, vp, i64, vp, vp, vp, i64, vp, i64, vp, vp,
         ]
-        for fn in (self._linear, self._rms_norm, self._decode_layers):
+        for fn in (self._linear, self._rms_norm, self._forward_layers):
             fn.restype = ctypes.c_int
         self.simd = bool(library.sg_simd_level())
 
@@ -128,7 +123,7 @@ class NativeKernels:
         _check(self._rms_norm(ptr(x), ptr(weight), code, ptr(out), x.shape[0], x.shape[1], eps))
         return out
 
-    def decode_layers(
+    def forward_layers(
         self,
         model: NativeModel,
         layers: ctypes.Array[NativeLayer],
@@ -137,14 +132,18 @@ class NativeKernels:
         cos: torch.Tensor,  # [m, head_dim / 2] f32
         sin: torch.Tensor,  # [m, head_dim / 2] f32
         slots: torch.Tensor,  # [m] int64
-        block_tables: torch.Tensor,  # [m, stride] int64
-        seq_lens: torch.Tensor,  # [m] int64
+        query_start: torch.Tensor,  # [num_seqs + 1] int64
+        seq_lens: torch.Tensor,  # [num_seqs] int64
+        block_tables: torch.Tensor,  # [num_seqs, stride] int64
+        tree_mask: torch.Tensor | None,  # [m, tree_stride] bool / uint8; None: causal
         final_norm: torch.Tensor,  # [hidden]
         out: torch.Tensor,  # [m, hidden] f32
     ) -> None:
-        _check(self._decode_layers(
+        """``sg_forward_layers``: every layer and the final norm over a small step."""
+        _check(self._forward_layers(
             ctypes.byref(model), layers, num_layers, ptr(x), x.shape[0], ptr(cos), ptr(sin),
-            ptr(slots), ptr(block_tables), block_tables.shape[1], ptr(seq_lens),
+            ptr(slots), seq_lens.shape[0], ptr(query_start), ptr(seq_lens), ptr(block_tables),
+            block_tables.shape[1], ptr(tree_mask), 0 if tree_mask is None else tree_mask.shape[1],
             ptr(final_norm), ptr(out),
         ))
 
