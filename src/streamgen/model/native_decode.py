@@ -38,8 +38,9 @@ from streamgen.native.kernels import (
 if TYPE_CHECKING:
     from streamgen.model.llama import DecoderLayer, LlamaModel
 
+
 class NativeDecoder:
-    """Runs decode-only steps of ``model`` through :class:`NativeKernels`.
+    """Runs the decoder stack of ``model`` over small steps through :class:`NativeKernels`.
 
     >>> decoder = NativeDecoder.for_model(model, native_kernels())  # doctest: +SKIP
     >>> if decoder is not None and decoder.accepts(metadata, num_tokens): ...
