@@ -61,3 +61,20 @@ def test_non_adaptive_always_gives_the_configured_budget() -> None:
     for _ in range(10):
         policy.observe_verify("a", depth=3, accepted=0)
     assert policy.budget("a", num_decoding=64) == (5, 3)
+
+
+def test_branches_are_paid_for_per_node() -> None:
+    """A level of b branches costs b nodes but yields at most one accepted token: with
+    the same acceptance and step cost, a tree gets fewer levels than a chain, and off
+    when one level cannot pay for its branches (batch 25, compute-bound steps)."""
+    chain = measured(SpeculationPolicy(SpeculationConfig(max_nodes=8, max_depth=8,
+                                                         branching=1)), c0=0.08, c1=0.0047)
+    tree = measured(SpeculationPolicy(SpeculationConfig(max_nodes=8, max_depth=8,
+                                                        branching=2)), c0=0.08, c1=0.0047)
+    for policy in (chain, tree):
+        for _ in range(20):
+            policy.observe_verify("a", depth=5, accepted=4)  # alpha ~0.8
+    assert 0.75 < tree.acceptance_rate("a") < 0.85
+    assert chain.budget("a", num_decoding=25)[1] >= 2
+    assert tree.budget("a", num_decoding=25) == (0, 0)
+    assert tree.budget("a", num_decoding=1)[1] >= 4  # at batch 1 the tree still pays

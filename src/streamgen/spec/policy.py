@@ -15,9 +15,11 @@ for ``c1 + draft_cost`` seconds, so it pays iff::
 
     alpha_r ** d  >=  (c1 + draft_cost) * R / t(T)     (the step's tokens per second)
 
-The depth budget of a request is the largest ``d`` meeting that bar (0: no
-speculation). Under load (large ``R``, compute-bound steps) the bar rises
-and speculation switches itself off; at batch 1 it is nearly free. A request
+A depth level of a tree with ``branching`` b holds b nodes of which at most
+one is accepted, so a level must clear b times that bar. The depth budget of
+a request is the largest ``d`` meeting it (0: no speculation). Under load
+(large ``R``, compute-bound steps) the bar rises and speculation switches
+itself off; at batch 1 it is nearly free. A request
 whose budget fell to 0 is probed with a depth-1 draft every
 ``probe_interval`` steps, so its estimate can recover. Torch-free.
 """
@@ -104,7 +106,10 @@ class SpeculationPolicy:
         if not config.adaptive:
             return config.max_nodes, config.max_depth
         stats = self._stats(request_id)
-        bar = self._bar(num_decoding)
+        # A depth level holds up to `branching` nodes, each paid for, while at most one
+        # of them is accepted: the level must earn the bar once per node it holds.
+        level_nodes = max(1, min(config.branching, config.max_nodes))
+        bar = self._bar(num_decoding) * level_nodes
         depth = 0
         alpha = stats.alpha
         gain = alpha
