@@ -93,13 +93,16 @@ class Linear(nn.Module):
         (``[out, in]`` float32 / bf16 weights on the CPU): one core streams the weight
         at memory speed, where torch's one-thread GEMV did not (bf16: ~8 GB/s)."""
         weight = self.weight
-        if kernels is None or self.splits is not None or dtype_code(weight.dtype) is None:
+        if kernels is None:
             self.native = None
             return
-        if weight.device.type != "cpu" or not weight.is_contiguous():
-            self.native = None
-            return
-        self.native = (kernels, native_linear(weight, self.bias))
+        usable = (
+            self.splits is None
+            and dtype_code(weight.dtype) is not None
+            and weight.device.type == "cpu"
+            and weight.is_contiguous()
+        )
+        self.native = (kernels, native_linear(weight, self.bias)) if usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         native = self.native

@@ -17,15 +17,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from importlib import resources
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
 SOURCE_NAME = "decode_kernels.c"
