@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,26 @@ torch.set_num_threads(2)
 # set before any kernel module is imported (GPU machines run them natively).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module", params=["simd", "scalar"])
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Both builds of the native CPU kernels (``streamgen/native``), each in a fresh
+    directory: the AVX2 + FMA one (where this CPU has them) and the scalar one."""
+    import ctypes
+
+    from streamgen.native import NativeKernels, native_kernels
+    from streamgen.native.build import build_library, compile_flags
+
+    if native_kernels() is None:
+        pytest.skip("no C compiler here")
+    capability = torch.backends.cpu.get_cpu_capability() if request.param == "simd" else "DEFAULT"
+    if request.param == "simd" and "-mavx2" not in compile_flags(capability):
+        pytest.skip("this CPU has no AVX2")
+    path = build_library(tmp_path_factory.mktemp(request.param), capability)
+    loaded = NativeKernels(ctypes.CDLL(str(path)))
+    assert loaded.simd == (request.param == "simd")
+    return loaded
 
 
 @pytest.fixture(scope="session")

@@ -221,11 +221,13 @@ def test_probe_reports_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> No
     FlexAttentionBackend(device="cpu", fallback_to_reference=True)  # logs, does not raise
 
 
-def test_auto_picks_flex_for_real_models_and_torch_for_toys() -> None:
+def test_auto_picks_native_then_flex_for_real_models_and_torch_for_toys() -> None:
     from helpers import tiny_hf_config
 
     from streamgen.attention.auto import resolve_backend
+    from streamgen.attention.native import NativeAttentionBackend
     from streamgen.model.config import ModelSpec
+    from streamgen.native import native_kernels
 
     toy = ModelSpec.from_hf_config(tiny_hf_config())
     smollm2_sized = ModelSpec.from_hf_config(
@@ -240,7 +242,9 @@ def test_auto_picks_flex_for_real_models_and_torch_for_toys() -> None:
     assert resolve_backend("torch", smollm2_sized, "cpu") == "torch"
     assert resolve_backend("auto", toy, "cpu") == "torch"
     chosen = resolve_backend("auto", smollm2_sized, "cpu")
-    if flex_available("cpu"):
+    if native_kernels() is not None:
+        assert isinstance(chosen, NativeAttentionBackend)
+    elif flex_available("cpu"):
         assert isinstance(chosen, FlexAttentionBackend) and chosen.fallback_to_reference
     else:
         assert chosen == "torch"

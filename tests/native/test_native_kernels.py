@@ -6,7 +6,6 @@ Every test runs against both builds of ``decode_kernels.c``: the AVX2 + FMA one
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from helpers import make_hf_checkpoint, tiny_hf_config
 from streamgen.model import load_model
 from streamgen.model.native_decode import NativeDecoder
 from streamgen.native import NativeKernels, NativeUnavailableError, native_kernels
-from streamgen.native.build import build_library, compile_flags, load_library
+from streamgen.native.build import build_library, load_library
 from streamgen.native.kernels import native_linear
 from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
@@ -27,21 +26,6 @@ from streamgen.spec.tree import DraftTree
 
 BLOCK_SIZE = 16
 needs_native = pytest.mark.skipif(native_kernels() is None, reason="no C compiler here")
-
-
-@pytest.fixture(scope="module", params=["simd", "scalar"])
-def kernels(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> NativeKernels:
-    if native_kernels() is None:
-        pytest.skip("no C compiler here")
-    capability = torch.backends.cpu.get_cpu_capability() if request.param == "simd" else "DEFAULT"
-    if request.param == "simd" and "-mavx2" not in compile_flags(capability):
-        pytest.skip("this CPU has no AVX2")
-    path = build_library(tmp_path_factory.mktemp(request.param), capability)
-    loaded = NativeKernels(ctypes.CDLL(str(path)))
-    assert loaded.simd == (request.param == "simd")
-    return loaded
 
 
 # ----- linear ------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """What ``attention_backend="auto"`` means for a model on a device.
 
-CPU: ``flex`` for real models when inductor can compile it here (the probe
+CPU, real models: ``native`` where the native kernels build (a C compiler;
+decodes, trees and short chunks read the paged cache in place, prefill chunks
+go to SDPA); else ``flex`` when inductor can compile it here (the probe
 compiles nothing), in fallback mode, so a compile failure later degrades to
-``torch`` instead of failing requests; ``torch`` for tiny models, whose
-attention costs less than the one-off compile (~5-20 s per process).
-CUDA: :func:`~streamgen.attention.registry.default_backend_name`.
+``torch`` instead of failing requests; else ``torch``. Tiny models (tests)
+get ``torch``, the reference itself. CUDA:
+:func:`~streamgen.attention.registry.default_backend_name`.
 
-Measured on 2 AVX2 cores, SmolLM2-135M, 64 concurrent requests (prompts
-20-600 tokens): flex decodes 2-5x faster per layer than the reference's
-gather + SDPA, and the engine's throughput rises 1.5x (fp32).
+Measured on 2 AVX2 cores, 1 thread, one layer of 64 decodes of SmolLM2 shapes
+(29k keys, fp32): torch reference (gather + SDPA) ~27 ms, flex ~10 ms, native
+~6 ms; flex had made the engine's throughput 1.5x the reference's (fp32).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def resolve_backend(
         return default_backend_name(device)
     if decoder_params(spec) < MIN_FLEX_DECODER_PARAMS:
         return "torch"
+    from streamgen.native import native_kernels
+
+    if native_kernels() is not None:
+        from streamgen.attention.native import NativeAttentionBackend
+
+        return NativeAttentionBackend()
     from streamgen.attention.flex import FlexAttentionBackend, flex_available
 
     if not flex_available(device):

@@ -53,12 +53,11 @@ from streamgen.attention.flex_plan import (
     ExtendPlan,
     PageListArena,
     PageLists,
-    SubBatch,
     block_to_logical,
     plan_decodes,
     plan_extends,
-    sub_batch,
 )
+from streamgen.attention.sub_batch import SubBatch, attend_sub_batch, sub_batch
 from streamgen.attention.torch_ref import TorchReferenceBackend
 from streamgen.errors import StreamgenError
 
@@ -220,11 +219,7 @@ class FlexAttentionBackend(AttentionBackend):
             out = self._extends(query, key, value, plan.extend, plan, scale)
             output.index_copy_(0, plan.extend.output_rows, out)
         if plan.reference is not None:
-            sub = plan.reference
-            out = self.reference.attend(
-                query.index_select(0, sub.rows), k_cache, v_cache, sub.metadata, scale
-            )
-            output.index_copy_(0, sub.rows, out)
+            attend_sub_batch(self.reference, query, k_cache, v_cache, plan.reference, scale, output)
         return output
 
     def _decodes(

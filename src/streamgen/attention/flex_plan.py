@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from streamgen.attention.backend import AttentionMetadata
+from streamgen.attention.sub_batch import query_starts
 
 # A window this large never excludes a key (positions are < 2**40).
 NO_WINDOW = 1 << 40
@@ -102,39 +103,6 @@ class PageListArena:
             buffer = torch.zeros(capacity(tiles, 64), num_pages, dtype=torch.int32, device=device)
             self._buffers[name] = buffer
         return buffer[:tiles]
-
-
-@dataclass(frozen=True, slots=True)
-class SubBatch:
-    """Some chunks of a step as a batch of their own (for another backend)."""
-
-    metadata: AttentionMetadata
-    rows: torch.Tensor  # [sub_tokens] int64, flat rows of the chunks' tokens, in order
-
-
-def sub_batch(metadata: AttentionMetadata, seqs: list[int]) -> SubBatch:
-    """The chunks ``seqs`` of ``metadata`` with their own metadata (same cache, same slots)."""
-    device = metadata.block_tables.device
-    starts = _query_starts(metadata)
-    rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs]).to(device)
-    q_lens = [metadata.query_lens_list[s] for s in seqs]
-    query_start_loc = torch.tensor([0, *q_lens], dtype=torch.int64).cumsum(0).to(device)
-    index = torch.tensor(seqs, dtype=torch.int64, device=device)
-    tree_mask = metadata.tree_mask
-    return SubBatch(
-        metadata=AttentionMetadata(
-            slot_mapping=metadata.slot_mapping[rows],
-            query_start_loc=query_start_loc,
-            seq_lens=metadata.seq_lens[index],
-            block_tables=metadata.block_tables[index],
-            query_lens_list=tuple(q_lens),
-            seq_lens_list=tuple(metadata.seq_lens_list[s] for s in seqs),
-            block_size=metadata.block_size,
-            sliding_window=metadata.sliding_window,
-            tree_mask=None if tree_mask is None else tree_mask[rows.to(tree_mask.device)],
-        ),
-        rows=rows,
-    )
 
 
 def capacity(n: int, minimum: int) -> int:
@@ -217,7 +185,7 @@ def plan_decodes(
 ) -> DecodePlan:
     """Plan the decode call for sequences ``seqs`` (each with one new token)."""
     device = metadata.block_tables.device
-    starts = _query_starts(metadata)
+    starts = query_starts(metadata)
     # At least two sequences: a dimension of size 1 would be specialised by the compiler.
     padded = seqs + seqs[:1] * max(0, 2 - len(seqs))
     rows = torch.tensor([starts[s] for s in padded], dtype=torch.int64, device=device)
@@ -257,7 +225,7 @@ def plan_extends(
 ) -> ExtendPlan:
     """Plan the packed extend call for sequences ``seqs`` (chunks of several tokens)."""
     device = metadata.block_tables.device
-    starts = _query_starts(metadata)
+    starts = query_starts(metadata)
     q_lens = torch.tensor([metadata.query_lens_list[s] for s in seqs], dtype=torch.int64)
     s_lens = torch.tensor([metadata.seq_lens_list[s] for s in seqs], dtype=torch.int64)
     first_row = torch.tensor([starts[s] for s in seqs], dtype=torch.int64)
@@ -356,10 +324,3 @@ def _padded(values: torch.Tensor, size: int, fill: int) -> torch.Tensor:  # [siz
     out = torch.full((size,), fill, dtype=values.dtype)
     out[: len(values)] = values
     return out
-
-
-def _query_starts(metadata: AttentionMetadata) -> list[int]:
-    starts = [0]
-    for q_len in metadata.query_lens_list:
-        starts.append(starts[-1] + q_len)
-    return starts

@@ -15,6 +15,7 @@ _BACKENDS: dict[str, str] = {
     "triton": "streamgen.attention.triton_backend:TritonAttentionBackend",
     "flash_attn": "streamgen.attention.flash_attn_backend:FlashAttnBackend",
     "flex": "streamgen.attention.flex:FlexAttentionBackend",
+    "native": "streamgen.attention.native:NativeAttentionBackend",
 }
 
 

@@ -34,7 +34,7 @@ class EngineConfig:
     long_prefill_chunk: int | None = None
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     stream_buffer: int = 16  # tokens a stream holds before its request pauses
-    # "auto": flex on CPU for real models if it compiles here, else torch (attention/auto.py)
+    # "auto" on CPU: native kernels for real models, else flex, else torch (attention/auto.py)
     attention_backend: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int | None = None

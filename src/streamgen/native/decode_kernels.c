@@ -10,6 +10,10 @@
  * and the KV cache stay in the model's dtype (float32 or bfloat16), and the
  * bf16 -> f32 widening happens in registers.
  *
+ * sg_paged_attention is the same attention on its own, for the torch path's larger steps
+ * (attention/native.py): it reads the paged cache in place, where the torch reference
+ * gathers every sequence's blocks, padded to the longest, in every layer.
+ *
  * Semantics are those of streamgen/model/llama.py with the torch reference
  * attention backend (HF "rotate_half" rope, bottom-right causal attention,
  * optional sliding window); tests/native/ checks every kernel against torch.
@@ -370,12 +374,10 @@ static float exp_shifted(float *s, int64_t n, float mx) {
 
 /* ----- attention -------------------------------------------------------------------- */
 
-/* The float32 row of KV head g at sequence position pos: the cache itself (float32)
- * or its widened copy in buf (bf16). */
-static inline const float *cache_row(const void *cache, int32_t dt, const int64_t *table,
-                                     int64_t pos, int64_t bs, int64_t kv_heads, int64_t g,
-                                     int64_t D, float *buf) {
-    const int64_t off = ((table[pos / bs] * bs + pos % bs) * kv_heads + g) * D;
+/* The float32 row of D elements at element offset off of a cache: the cache itself
+ * (float32) or its widened copy in buf (bf16). */
+static inline const float *row_at(const void *cache, int32_t dt, int64_t off, int64_t D,
+                                  float *buf) {
     if (dt == SG_F32) return (const float *)cache + off;
     load_row((const uint16_t *)cache + off, dt, D, buf);
     return buf;
@@ -400,15 +402,131 @@ static inline int visible(const sg_model *md, const sg_step *st, int64_t row, in
     return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
 }
 
+/* The count rows of one cache block as float32: the cache itself (float32) or its
+ * widened copy in buf (bf16, >= block_size * num_kv_heads * head_dim floats). */
+static inline const float *cache_block(const void *cache, int32_t dt, int64_t off,
+                                         int64_t elems, float *buf) {
+    return row_at(cache, dt, off, elems, buf);
+}
+
+/* s[k] = scale * dot(q, key k) for the count keys of one block (key k at k[k * stride]),
+ * four keys at a time with one combined horizontal sum. */
+static inline void block_dots(const float *q, const float *kb, int64_t stride, int64_t count,
+                              int64_t D, float scale, float *s) {
+    int64_t k = 0;
+#if SG_AVX2
+    if (D % 8 == 0) {
+        for (; k + 4 <= count; k += 4) {
+            const float *k0 = kb + k * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+            }
+            /* [a0 a1 a2 a3] partial sums per 128-bit lane, then the two lanes added */
+            const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+            _mm_storeu_ps(s + k, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; k < count; k++) s[k] = dot_f32(q, kb + k * stride, D) * scale;
+}
+
+/* o[0..D) += sum over k < count of p[k] * v[k * stride + 0..D): one query head's values
+ * over one cache block, the accumulators held in registers across the block. */
+static inline void accumulate_values(const float *p, const float *v, int64_t stride,
+                                     int64_t count, float *o, int64_t D) {
+    int64_t d = 0;
+#if SG_AVX2
+    for (; d + 32 <= D; d += 32) {
+        __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_loadu_ps(o + d + 8);
+        __m256 a2 = _mm256_loadu_ps(o + d + 16), a3 = _mm256_loadu_ps(o + d + 24);
+        for (int64_t k = 0; k < count; k++) {
+            const __m256 pk = _mm256_set1_ps(p[k]);
+            const float *vk = v + k * stride + d;
+            a0 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk), a0);
+            a1 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 8), a1);
+            a2 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 16), a2);
+            a3 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 24), a3);
+        }
+        _mm256_storeu_ps(o + d, a0);
+        _mm256_storeu_ps(o + d + 8, a1);
+        _mm256_storeu_ps(o + d + 16, a2);
+        _mm256_storeu_ps(o + d + 24, a3);
+    }
+#endif
+    if (d < D)
+        for (int64_t k = 0; k < count; k++)
+            if (p[k] != 0.0f) axpy_f32(p[k], v + k * stride + d, o + d, D - d);
+}
+
+/* Attend the m rows of a step. q [m, q_stride] holds each row's rotated query heads first;
+ * out [m, out_stride] gets each row's num_heads * head_dim outputs. scores: >= num_heads *
+ * max over sequences of q_len * seq_len floats; kbuf: >= block_size * num_kv_heads *
+ * head_dim floats (one block, widened from bf16).
+ * Keys are walked block by block, each cached row (every KV head) read once for all the
+ * rows and query heads of its sequence: a block is one contiguous run of memory. */
+static void attend(const sg_model *md, const void *k_cache, const void *v_cache,
+                   const sg_step *st, const float *q, int64_t q_stride, float *out,
+                   int64_t out_stride, float *scores, float *kbuf) {
+    const int64_t D = md->head_dim, KVH = md->num_kv_heads, group = md->num_heads / KVH;
+    const int64_t bs = md->block_size, row_elems = KVH * D;
+    const int32_t dt = md->dtype;
+    for (int64_t b = 0; b < st->num_seqs; b++) {
+        const int64_t first = st->query_start[b], q_len = st->query_start[b + 1] - first;
+        const int64_t n = st->seq_lens[b], prefix = n - q_len;
+        const int64_t *table = st->block_tables + b * st->bt_stride;
+        /* scores[(i * num_heads + h) * n + key]: row i, query head h */
+        for (int64_t blk = 0, key = 0; key < n; blk++) {
+            const int64_t count = key + bs < n ? bs : n - key;
+            const float *kb = cache_block(k_cache, dt, table[blk] * bs * row_elems,
+                                          count * row_elems, kbuf);
+            for (int64_t i = 0; i < q_len; i++) {
+                float *sc = scores + i * md->num_heads * n + key;
+                const float *qi = q + (first + i) * q_stride;
+                for (int64_t h = 0; h < md->num_heads; h++)
+                    block_dots(qi + h * D, kb + (h / group) * D, row_elems, count, D, md->scale,
+                               sc + h * n);
+                for (int64_t k = 0; k < count; k++)
+                    if (!visible(md, st, first + i, i, prefix, key + k))
+                        for (int64_t h = 0; h < md->num_heads; h++) sc[h * n + k] = -INFINITY;
+            }
+            key += count;
+        }
+        for (int64_t r = 0; r < q_len * md->num_heads; r++) {
+            float *sc = scores + r * n, mx = -INFINITY;
+            for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
+            const float inv = 1.0f / exp_shifted(sc, n, mx);
+            for (int64_t key = 0; key < n; key++) sc[key] *= inv;
+        }
+        for (int64_t i = 0; i < q_len; i++)
+            memset(out + (first + i) * out_stride, 0, (size_t)(md->num_heads * D) * sizeof(float));
+        for (int64_t blk = 0, key = 0; key < n; blk++) {
+            const int64_t count = key + bs < n ? bs : n - key;
+            const int64_t off = table[blk] * bs * row_elems;
+            const float *vb = cache_block(v_cache, dt, off, count * row_elems, kbuf);
+            for (int64_t i = 0; i < q_len; i++) {
+                const float *sc = scores + i * md->num_heads * n + key;
+                float *o = out + (first + i) * out_stride;
+                for (int64_t h = 0; h < md->num_heads; h++)
+                    accumulate_values(sc + h * n, vb + (h / group) * D, row_elems, count,
+                                      o + h * D, D);
+            }
+            key += count;
+        }
+    }
+}
+
 /* Rotate q and k, write k and v into the cache slots, attend. qkv [m, q_size + 2 kv_size]
- * is rotated in place; out [m, q_size]. scores: >= max_q * group * max_seq_len floats;
- * kbuf: >= head_dim floats. Each cached key and value is read once per KV head for all
- * the rows and query heads of its sequence. */
+ * is rotated in place; out [m, q_size]. */
 static void attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
                       int64_t m, float *out, float *scores, float *kbuf) {
     const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
-    const int64_t group = H / KVH, bs = md->block_size, row = md->q_size + 2 * md->kv_size;
-    const int32_t dt = md->dtype;
+    const int64_t row = md->q_size + 2 * md->kv_size;
     for (int64_t r = 0; r < m; r++) {
         float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;
         const float *cb = st->cos_t + r * half, *sb = st->sin_t + r * half;
@@ -416,46 +534,27 @@ static void attention(const sg_model *md, const sg_layer *ly, const sg_step *st,
         for (int64_t h = 0; h < KVH; h++) rope_head(k + h * D, cb, sb, half);
         const int64_t base = st->slots[r] * KVH * D;
         for (int64_t i = 0; i < KVH * D; i++) {
-            store_elem(ly->k_cache, dt, base + i, k[i]);
-            store_elem(ly->v_cache, dt, base + i, v[i]);
+            store_elem(ly->k_cache, md->dtype, base + i, k[i]);
+            store_elem(ly->v_cache, md->dtype, base + i, v[i]);
         }
     }
-    for (int64_t b = 0; b < st->num_seqs; b++) {
-        const int64_t first = st->query_start[b], q_len = st->query_start[b + 1] - first;
-        const int64_t n = st->seq_lens[b], prefix = n - q_len;
-        const int64_t *table = st->block_tables + b * st->bt_stride;
-        for (int64_t g = 0; g < KVH; g++) {
-            /* scores[(i * group + h) * n + key] */
-            for (int64_t key = 0; key < n; key++) {
-                const float *kv = cache_row(ly->k_cache, dt, table, key, bs, KVH, g, D, kbuf);
-                for (int64_t i = 0; i < q_len; i++) {
-                    const int seen = visible(md, st, first + i, i, prefix, key);
-                    const float *qi = qkv + (first + i) * row + g * group * D;
-                    for (int64_t h = 0; h < group; h++)
-                        scores[(i * group + h) * n + key] =
-                            seen ? dot_f32(qi + h * D, kv, D) * md->scale : -INFINITY;
-                }
-            }
-            for (int64_t i = 0; i < q_len; i++)
-                for (int64_t h = 0; h < group; h++) {
-                    float *sc = scores + (i * group + h) * n, mx = -INFINITY;
-                    for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
-                    const float inv = 1.0f / exp_shifted(sc, n, mx);
-                    for (int64_t key = 0; key < n; key++) sc[key] *= inv;
-                    memset(out + (first + i) * md->q_size + (g * group + h) * D, 0,
-                           (size_t)D * sizeof(float));
-                }
-            for (int64_t key = 0; key < n; key++) {
-                const float *vv = cache_row(ly->v_cache, dt, table, key, bs, KVH, g, D, kbuf);
-                for (int64_t i = 0; i < q_len; i++)
-                    for (int64_t h = 0; h < group; h++) {
-                        const float p = scores[(i * group + h) * n + key];
-                        if (p != 0.0f)
-                            axpy_f32(p, vv, out + (first + i) * md->q_size + (g * group + h) * D, D);
-                    }
-            }
-        }
+    attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size, scores, kbuf);
+}
+
+/* Checks a step's layout; *max_cells = the largest q_len * seq_len over its sequences. */
+static int check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int64_t *query_start,
+                      const int64_t *seq_lens, const uint8_t *tree_mask, int64_t tree_stride,
+                      int64_t *max_cells) {
+    if (md->num_kv_heads <= 0 || md->num_heads % md->num_kv_heads || md->head_dim % 2) return SG_EINVAL;
+    if (num_seqs < 1 || query_start[0] != 0 || query_start[num_seqs] != m) return SG_EINVAL;
+    *max_cells = 1;
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t q_len = query_start[b + 1] - query_start[b];
+        if (q_len < 1 || seq_lens[b] < q_len || (tree_mask != NULL && q_len > tree_stride))
+            return SG_EINVAL;
+        *max_cells = q_len * seq_lens[b] > *max_cells ? q_len * seq_lens[b] : *max_cells;
     }
+    return SG_OK;
 }
 
 /* ----- entry points ---------------------------------------------------------------- */
@@ -491,15 +590,9 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
                       int64_t num_seqs, const int64_t *query_start, const int64_t *seq_lens,
                       const int64_t *block_tables, int64_t bt_stride, const uint8_t *tree_mask,
                       int64_t tree_stride, const void *final_norm, float *out) {
-    if (md->num_kv_heads <= 0 || md->num_heads % md->num_kv_heads || md->head_dim % 2) return SG_EINVAL;
-    if (num_seqs < 1 || query_start[0] != 0 || query_start[num_seqs] != m) return SG_EINVAL;
-    int64_t max_cells = 1; /* max over sequences of q_len * seq_len */
-    for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t q_len = query_start[b + 1] - query_start[b];
-        if (q_len < 1 || seq_lens[b] < q_len || (tree_mask != NULL && q_len > tree_stride))
-            return SG_EINVAL;
-        max_cells = q_len * seq_lens[b] > max_cells ? q_len * seq_lens[b] : max_cells;
-    }
+    int64_t max_cells;
+    const int rc = check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride, &max_cells);
+    if (rc != SG_OK) return rc;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_linear *lins[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};
         for (int k = 0; k < 4; k++)
@@ -515,12 +608,12 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
                                    + m * 2 * I      /* gate_up */
                                    + m * I          /* activation */
                                    + m * Hd         /* projection out */
-                                   + group * max_cells + md->head_dim);
+                                   + md->num_heads * max_cells + md->block_size * md->kv_size);
     float *arena = (float *)malloc(floats * sizeof(float));
     if (arena == NULL) return SG_ENOMEM;
     float *normed = arena, *qkv = normed + m * Hd, *attn = qkv + m * row, *gu = attn + m * md->q_size;
     float *act = gu + m * 2 * I, *proj = act + m * I, *scores = proj + m * Hd;
-    float *kbuf = scores + group * max_cells;
+    float *kbuf = scores + md->num_heads * max_cells;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
@@ -536,6 +629,32 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     }
     rms_norm(x, final_norm, md->dtype, out, m, Hd, md->eps);
     free(arena);
+    return SG_OK;
+}
+
+/* Paged attention of a step whose queries are already rotated and whose K/V are already
+ * in the cache (the torch path's attention for decodes, short chunks and draft trees):
+ *   q [m, num_heads * head_dim] float32, out [m, num_heads * head_dim] float32,
+ *   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (md->dtype),
+ *   the rest as in sg_forward_layers. Reads md's heads, head_dim, block_size, window,
+ *   scale and dtype only.
+ */
+int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_cache,
+                       const float *q, int64_t m, int64_t num_seqs, const int64_t *query_start,
+                       const int64_t *seq_lens, const int64_t *block_tables, int64_t bt_stride,
+                       const uint8_t *tree_mask, int64_t tree_stride, float *out) {
+    int64_t max_cells;
+    const int rc = check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride, &max_cells);
+    if (rc != SG_OK) return rc;
+    const sg_step st = {NULL, NULL, NULL, query_start, seq_lens, block_tables,
+                        num_seqs, bt_stride, tree_mask, tree_stride};
+    const int64_t heads = md->num_heads, width = heads * md->head_dim;
+    float *scores = (float *)malloc(
+        (size_t)(heads * max_cells + md->block_size * md->num_kv_heads * md->head_dim) *
+        sizeof(float));
+    if (scores == NULL) return SG_ENOMEM;
+    attend(md, k_cache, v_cache, &st, q, width, out, width, scores, scores + heads * max_cells);
+    free(scores);
     return SG_OK;
 }
 

@@ -106,7 +106,11 @@ class NativeKernels:
             ctypes.POINTER(NativeModel), ctypes.POINTER(NativeLayer), i64, vp, i64,
             vp, vp, vp, i64, vp, vp, vp, i64, vp, i64, vp, vp,
         ]
-        for fn in (self._linear, self._rms_norm, self._forward_layers):
+        self._paged_attention = library.sg_paged_attention
+        self._paged_attention.argtypes = [
+            ctypes.POINTER(NativeModel), vp, vp, vp, i64, i64, vp, vp, vp, i64, vp, i64, vp,
+        ]
+        for fn in (self._linear, self._rms_norm, self._forward_layers, self._paged_attention):
             fn.restype = ctypes.c_int
         self.simd = bool(library.sg_simd_level())
 
@@ -145,6 +149,26 @@ class NativeKernels:
             ptr(slots), seq_lens.shape[0], ptr(query_start), ptr(seq_lens), ptr(block_tables),
             block_tables.shape[1], ptr(tree_mask), 0 if tree_mask is None else tree_mask.shape[1],
             ptr(final_norm), ptr(out),
+        ))
+
+    def paged_attention(
+        self,
+        model: NativeModel,  # heads, head_dim, block_size, window, scale and dtype are read
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        query: torch.Tensor,  # [m, num_heads * head_dim] f32, rotated
+        query_start: torch.Tensor,  # [num_seqs + 1] int64
+        seq_lens: torch.Tensor,  # [num_seqs] int64
+        block_tables: torch.Tensor,  # [num_seqs, stride] int64
+        tree_mask: torch.Tensor | None,  # [m, tree_stride] bool / uint8; None: causal
+        out: torch.Tensor,  # [m, num_heads * head_dim] f32
+    ) -> None:
+        """``sg_paged_attention``: attention over the paged cache, read in place."""
+        _check(self._paged_attention(
+            ctypes.byref(model), ptr(k_cache), ptr(v_cache), ptr(query), query.shape[0],
+            seq_lens.shape[0], ptr(query_start), ptr(seq_lens), ptr(block_tables),
+            block_tables.shape[1], ptr(tree_mask), 0 if tree_mask is None else tree_mask.shape[1],
+            ptr(out),
         ))
 
 

@@ -1,0 +1,167 @@
+"""Native CPU attention: short chunks read the paged cache in place, long ones go to SDPA.
+
+The torch reference gathers every sequence's blocks (padded to the longest
+context of its group) into fresh K/V tensors in every layer; with 64
+decodes of ~450 tokens that is ~50 MB copied per layer before SDPA reads it
+again. Here the chunks of up to ``max_native_chunk`` new tokens (decodes,
+draft trees, short prefill chunks) go to ``sg_paged_attention``
+(``streamgen/native/decode_kernels.c``), which walks each sequence's block
+table and reads every cached key and value once per KV head, in the cache's
+dtype; longer chunks (prefill) go to the reference, whose SDPA is the faster
+kernel for them::
+
+    step:  | 40 decodes | tree of 9 | 512-token prefill chunk |
+             `----- native, one call -----'  `-- reference --'
+
+Same semantics as the reference (bottom-right causal, sliding window, token
+trees); tests/attention/test_native_backend.py checks it against the reference.
+Steps the kernel has no path for (a non-CPU device, a dtype other than
+float32 / bfloat16, a tree mask with a sliding window) go to the reference whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamgen.attention.backend import AttentionBackend, AttentionMetadata
+from streamgen.attention.sub_batch import SubBatch, attend_sub_batch, sub_batch
+from streamgen.attention.torch_ref import SHORT_CHUNK, TorchReferenceBackend
+from streamgen.native.build import NativeUnavailableError
+from streamgen.native.kernels import NativeKernels, NativeModel, dtype_code, native_kernels
+
+
+@dataclass(frozen=True, slots=True)
+class _StepPlan:
+    native: SubBatch | None  # chunks of <= max_native_chunk tokens; None: none
+    native_covers_batch: bool  # every chunk is native's: no gather / scatter of rows
+    reference: SubBatch | None  # longer chunks
+    query_start: torch.Tensor  # [native_seqs + 1] int64, of the native sub-batch
+    tree_mask: torch.Tensor | None  # [native_rows, max_q] uint8, contiguous
+
+
+class NativeAttentionBackend(AttentionBackend):
+    """Paged attention through the native CPU kernels; the torch reference is its oracle.
+
+    ``max_native_chunk``: chunks with more new tokens go to the reference.
+    ``kernels``: the loaded kernels (default: :func:`native_kernels`); raises
+    :class:`~streamgen.native.build.NativeUnavailableError` where they do not build.
+
+    >>> backend = NativeAttentionBackend()  # doctest: +SKIP
+    >>> out = backend.attend(query, k_cache, v_cache, metadata, scale)
+    """
+
+    name = "native"
+
+    def __init__(
+        self, *, max_native_chunk: int = SHORT_CHUNK, kernels: NativeKernels | None = None
+    ) -> None:
+        if max_native_chunk < 1:
+            raise ValueError(f"max_native_chunk must be positive, got {max_native_chunk}")
+        kernels = kernels or native_kernels()
+        if kernels is None:
+            raise NativeUnavailableError("the native CPU kernels could not be built or loaded")
+        self.kernels = kernels
+        self.max_native_chunk = max_native_chunk
+        self.reference = TorchReferenceBackend()
+        self._plan_for: AttentionMetadata | None = None
+        self._plan: _StepPlan | None = None
+        self._structs: dict[tuple[int | float, ...], NativeModel] = {}
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        self._plan_for, self._plan = metadata, self._make_plan(metadata)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        if self._plan_for is not metadata:
+            self.prepare(metadata)
+        plan = self._plan
+        code = dtype_code(k_cache.dtype)
+        if plan is None or plan.native is None or code is None or query.device.type != "cpu":
+            return self.reference.attend(query, k_cache, v_cache, metadata, scale)
+        if plan.native_covers_batch:
+            return self._native(query, k_cache, v_cache, plan, code, scale)
+        native = plan.native
+        output = torch.empty_like(query)
+        picked = self._native(
+            query.index_select(0, native.rows), k_cache, v_cache, plan, code, scale
+        )
+        output.index_copy_(0, native.rows, picked)
+        if plan.reference is not None:
+            attend_sub_batch(self.reference, query, k_cache, v_cache, plan.reference, scale, output)
+        return output
+
+    def _native(
+        self,
+        query: torch.Tensor,  # [rows, num_heads, head_dim], the native chunks' rows
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _StepPlan,
+        code: int,
+        scale: float,
+    ) -> torch.Tensor:  # [rows, num_heads, head_dim]
+        assert plan.native is not None
+        metadata = plan.native.metadata
+        rows, num_heads, head_dim = query.shape
+        q = query.reshape(rows, num_heads * head_dim).to(torch.float32).contiguous()
+        out = torch.empty_like(q)
+        struct = self._struct(k_cache, num_heads, metadata, scale, code)
+        self.kernels.paged_attention(
+            struct,
+            k_cache,
+            v_cache,
+            q,
+            plan.query_start,
+            metadata.seq_lens,
+            metadata.block_tables,
+            plan.tree_mask,
+            out,
+        )
+        return out.view(rows, num_heads, head_dim).to(query.dtype)
+
+    def _struct(
+        self,
+        k_cache: torch.Tensor,
+        num_heads: int,
+        metadata: AttentionMetadata,
+        scale: float,
+        code: int,
+    ) -> NativeModel:
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        window = metadata.sliding_window or 0
+        key = (num_heads, num_kv_heads, head_dim, block_size, window, code, scale)
+        struct = self._structs.get(key)
+        if struct is None:
+            struct = NativeModel(
+                num_heads * head_dim, num_heads * head_dim, num_kv_heads * head_dim, 0,
+                num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, code, 0,
+            )  # fmt: skip
+            self._structs[key] = struct
+        return struct
+
+    def _make_plan(self, metadata: AttentionMetadata) -> _StepPlan | None:
+        if metadata.tree_mask is not None and metadata.sliding_window is not None:
+            return None  # the kernel does not combine the two: the reference does it all
+        if metadata.slot_mapping.device.type != "cpu":
+            return None
+        lens = metadata.query_lens_list
+        short = [i for i, q in enumerate(lens) if q <= self.max_native_chunk]
+        if not short:
+            return None
+        longer = [i for i, q in enumerate(lens) if q > self.max_native_chunk]
+        native = sub_batch(metadata, short)
+        tree_mask = native.metadata.tree_mask
+        return _StepPlan(
+            native=native,
+            native_covers_batch=not longer,
+            reference=sub_batch(metadata, longer) if longer else None,
+            query_start=native.metadata.query_start_loc.contiguous(),
+            tree_mask=None if tree_mask is None else tree_mask.to(torch.uint8).contiguous(),
+        )

@@ -1,0 +1,135 @@
+"""NativeAttentionBackend vs TorchReferenceBackend on whole steps, with both kernel builds.
+
+The kernel reads the paged cache in place, block by block; the reference
+gathers and runs SDPA. Steps mix decodes at every page boundary, prefill
+chunks, token trees and sliding windows; with a small ``max_native_chunk``
+the longer chunks go to the reference within the same step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamgen.attention.backend import AttentionMetadata
+from streamgen.attention.native import NativeAttentionBackend
+from streamgen.attention.torch_ref import TorchReferenceBackend
+from streamgen.native import NativeKernels, NativeUnavailableError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
+
+from paged_kv_data import make_cache, make_metadata, random_tree_mask, scattered_block_tables
+
+BLOCK_SIZE, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS = 16, 96, 6, 2
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]
+
+
+def make_step(
+    seq_lens: list[int],
+    query_lens: list[int],
+    seed: int,
+    *,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+    tree_seqs: frozenset[int] = frozenset(),
+) -> Step:
+    """(query [tokens, heads, dim], k_cache, v_cache, metadata) over scattered blocks."""
+    g = torch.Generator().manual_seed(seed)
+    cache = make_cache(
+        NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, head_dim, dtype, torch.device("cpu"), g
+    )
+    tables = scattered_block_tables(seq_lens, BLOCK_SIZE, NUM_BLOCKS, g)
+    tree_mask = random_tree_mask(query_lens, set(tree_seqs), g) if tree_seqs else None
+    metadata = make_metadata(
+        tables, seq_lens, query_lens, BLOCK_SIZE, sliding_window=sliding_window, tree_mask=tree_mask
+    )
+    query = torch.randn(sum(query_lens), NUM_HEADS, head_dim, generator=g).to(dtype)
+    return query, cache.k_cache, cache.v_cache, metadata
+
+
+def errors(backend: NativeAttentionBackend, step: Step) -> tuple[float, float]:
+    """(max |native - reference|, max |reference|) in float32."""
+    query, k_cache, v_cache, metadata = step
+    scale = query.shape[-1] ** -0.5
+    out = backend.attend(query, k_cache, v_cache, metadata, scale).float()
+    expected = TorchReferenceBackend().attend(query, k_cache, v_cache, metadata, scale).float()
+    assert out.shape == expected.shape
+    return float((out - expected).abs().max()), float(expected.abs().max())
+
+
+# Decodes at lengths 1, 15, 16, 17, 33 (empty, partial and full last pages), prefill chunks
+# from scratch and after a prefix, a 6-token tree after 37 cached tokens, a long decode.
+SEQ_LENS = [1, 15, 16, 17, 15, 40, 17, 43, 33, 300]
+QUERY_LENS = [1, 1, 1, 1, 15, 16, 17, 6, 1, 1]
+
+
+@pytest.mark.parametrize("max_native_chunk", [1, 8, 32])
+@pytest.mark.parametrize("head_dim", [64, 20])  # 20: the kernels' scalar tails
+def test_mixed_steps_match_reference(
+    kernels: NativeKernels, max_native_chunk: int, head_dim: int
+) -> None:
+    backend = NativeAttentionBackend(max_native_chunk=max_native_chunk, kernels=kernels)
+    for seed, kwargs in enumerate(
+        [dict(tree_seqs=frozenset({7})), dict(), dict(sliding_window=20)]
+    ):
+        step = make_step(SEQ_LENS, QUERY_LENS, seed, head_dim=head_dim, **kwargs)  # type: ignore[arg-type]
+        error, _ = errors(backend, step)
+        assert error < 1e-5, (kwargs, error)
+        plan = backend._plan
+        assert plan is not None and plan.native is not None
+        # Chunks longer than max_native_chunk went to the reference, the rest to the kernel.
+        expected_native = sum(1 for q in QUERY_LENS if q <= max_native_chunk)
+        assert plan.native.metadata.num_seqs == expected_native
+        assert (plan.reference is None) == (expected_native == len(QUERY_LENS))
+
+
+def test_a_wrong_visibility_rule_would_fail(kernels: NativeKernels) -> None:
+    """The comparison can fail: the same step read as non-causal differs from the reference."""
+    backend = NativeAttentionBackend(kernels=kernels)
+    query, k_cache, v_cache, metadata = make_step([40], [16], seed=5)
+    tree = torch.ones(16, 16, dtype=torch.bool)  # every new token sees all 16: not causal
+    wrong = AttentionMetadata(
+        slot_mapping=metadata.slot_mapping,
+        query_start_loc=metadata.query_start_loc,
+        seq_lens=metadata.seq_lens,
+        block_tables=metadata.block_tables,
+        query_lens_list=metadata.query_lens_list,
+        seq_lens_list=metadata.seq_lens_list,
+        block_size=BLOCK_SIZE,
+        tree_mask=tree,
+    )
+    out = backend.attend(query, k_cache, v_cache, wrong, 0.125)
+    expected = TorchReferenceBackend().attend(query, k_cache, v_cache, metadata, 0.125)
+    assert float((out - expected).abs().max()) > 1e-2
+    assert torch.allclose(out[-1], expected[-1], atol=1e-5)  # the last row sees the same keys
+
+
+def test_bfloat16_cache_within_rounding(kernels: NativeKernels) -> None:
+    backend = NativeAttentionBackend(kernels=kernels)
+    step = make_step(SEQ_LENS, QUERY_LENS, seed=3, dtype=torch.bfloat16, tree_seqs=frozenset({7}))
+    error, scale = errors(backend, step)
+    assert error <= 1e-2 * max(1.0, scale)  # both compute in float32; outputs round to bf16
+
+
+def test_tree_with_sliding_window_goes_to_the_reference(kernels: NativeKernels) -> None:
+    backend = NativeAttentionBackend(kernels=kernels)
+    step = make_step([40, 17], [6, 1], seed=6, sliding_window=20, tree_seqs=frozenset({0}))
+    error, _ = errors(backend, step)
+    assert backend._plan is None and error < 1e-5
+
+
+def test_bad_arguments_are_refused(kernels: NativeKernels) -> None:
+    with pytest.raises(ValueError, match="max_native_chunk"):
+        NativeAttentionBackend(max_native_chunk=0, kernels=kernels)
+
+
+def test_missing_kernels_raise_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamgen.attention.native as native_module
+
+    monkeypatch.setattr(native_module, "native_kernels", lambda: None)
+    with pytest.raises(NativeUnavailableError):
+        NativeAttentionBackend()
