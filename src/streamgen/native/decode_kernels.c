@@ -374,15 +374,6 @@ static float exp_shifted(float *s, int64_t n, float mx) {
 
 /* ----- attention -------------------------------------------------------------------- */
 
-/* The float32 row of D elements at element offset off of a cache: the cache itself
- * (float32) or its widened copy in buf (bf16). */
-static inline const float *row_at(const void *cache, int32_t dt, int64_t off, int64_t D,
-                                  float *buf) {
-    if (dt == SG_F32) return (const float *)cache + off;
-    load_row((const uint16_t *)cache + off, dt, D, buf);
-    return buf;
-}
-
 /* The rows of one step (see sg_forward_layers for the arguments). */
 typedef struct {
     const float *cos_t, *sin_t;
@@ -402,14 +393,16 @@ static inline int visible(const sg_model *md, const sg_step *st, int64_t row, in
     return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
 }
 
-/* The count rows of one cache block as float32: the cache itself (float32) or its
- * widened copy in buf (bf16, >= block_size * num_kv_heads * head_dim floats). */
+/* The elems values at element offset off of a cache (a block's rows) as float32: the
+ * cache itself (float32) or their widened copy in buf (bf16). */
 static inline const float *cache_block(const void *cache, int32_t dt, int64_t off,
-                                         int64_t elems, float *buf) {
-    return row_at(cache, dt, off, elems, buf);
+                                       int64_t elems, float *buf) {
+    if (dt == SG_F32) return (const float *)cache + off;
+    load_row((const uint16_t *)cache + off, dt, elems, buf);
+    return buf;
 }
 
-/* s[k] = scale * dot(q, key k) for the count keys of one block (key k at k[k * stride]),
+/* s[k] = scale * dot(q, key k) for the count keys of one block (key k at kb[k * stride]),
  * four keys at a time with one combined horizontal sum. */
 static inline void block_dots(const float *q, const float *kb, int64_t stride, int64_t count,
                               int64_t D, float scale, float *s) {
