@@ -34,10 +34,10 @@ from streamgen.native.kernels import NativeKernels, NativeModel, dtype_code, nat
 
 @dataclass(frozen=True, slots=True)
 class _StepPlan:
-    native: SubBatch | None  # chunks of <= max_native_chunk tokens; None: none
-    native_covers_batch: bool  # every chunk is native's: no gather / scatter of rows
+    # Chunks of <= max_native_chunk tokens; the step's own metadata when they are all of
+    # them (reference None: no gather / scatter of rows, no sub-batch built).
+    native: SubBatch
     reference: SubBatch | None  # longer chunks
-    query_start: torch.Tensor  # [native_seqs + 1] int64, of the native sub-batch
     tree_mask: torch.Tensor | None  # [native_rows, max_q] uint8, contiguous
 
 
@@ -84,18 +84,15 @@ class NativeAttentionBackend(AttentionBackend):
             self.prepare(metadata)
         plan = self._plan
         code = dtype_code(k_cache.dtype)
-        if plan is None or plan.native is None or code is None or query.device.type != "cpu":
+        if plan is None or code is None or query.device.type != "cpu":
             return self.reference.attend(query, k_cache, v_cache, metadata, scale)
-        if plan.native_covers_batch:
+        if plan.reference is None:
             return self._native(query, k_cache, v_cache, plan, code, scale)
-        native = plan.native
+        rows = plan.native.rows
         output = torch.empty_like(query)
-        picked = self._native(
-            query.index_select(0, native.rows), k_cache, v_cache, plan, code, scale
-        )
-        output.index_copy_(0, native.rows, picked)
-        if plan.reference is not None:
-            attend_sub_batch(self.reference, query, k_cache, v_cache, plan.reference, scale, output)
+        picked = self._native(query.index_select(0, rows), k_cache, v_cache, plan, code, scale)
+        output.index_copy_(0, rows, picked)
+        attend_sub_batch(self.reference, query, k_cache, v_cache, plan.reference, scale, output)
         return output
 
     def _native(
@@ -107,7 +104,6 @@ class NativeAttentionBackend(AttentionBackend):
         code: int,
         scale: float,
     ) -> torch.Tensor:  # [rows, num_heads, head_dim]
-        assert plan.native is not None
         metadata = plan.native.metadata
         rows, num_heads, head_dim = query.shape
         q = query.reshape(rows, num_heads * head_dim).to(torch.float32).contiguous()
@@ -118,7 +114,7 @@ class NativeAttentionBackend(AttentionBackend):
             k_cache,
             v_cache,
             q,
-            plan.query_start,
+            metadata.query_start_loc,
             metadata.seq_lens,
             metadata.block_tables,
             plan.tree_mask,
@@ -156,12 +152,14 @@ class NativeAttentionBackend(AttentionBackend):
         if not short:
             return None
         longer = [i for i, q in enumerate(lens) if q > self.max_native_chunk]
-        native = sub_batch(metadata, short)
+        if longer:
+            native = sub_batch(metadata, short)
+        else:  # the whole step: its own metadata (rows only stand for "all of them")
+            rows = torch.arange(metadata.num_tokens, device=metadata.slot_mapping.device)
+            native = SubBatch(metadata=metadata, rows=rows)
         tree_mask = native.metadata.tree_mask
         return _StepPlan(
             native=native,
-            native_covers_batch=not longer,
             reference=sub_batch(metadata, longer) if longer else None,
-            query_start=native.metadata.query_start_loc.contiguous(),
             tree_mask=None if tree_mask is None else tree_mask.to(torch.uint8).contiguous(),
         )

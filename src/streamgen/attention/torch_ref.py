@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from streamgen.attention.backend import AttentionBackend, AttentionMetadata
+from streamgen.attention.sub_batch import query_starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +130,8 @@ def _make_plan(metadata: AttentionMetadata, seqs: list[int]) -> _GroupPlan:
     block_size = metadata.block_size
     q_lens = torch.tensor([metadata.query_lens_list[i] for i in seqs], dtype=torch.int64)
     s_lens = torch.tensor([metadata.seq_lens_list[i] for i in seqs], dtype=torch.int64)
-    query_starts = [0]
-    for q_len in metadata.query_lens_list:
-        query_starts.append(query_starts[-1] + q_len)
-    starts = torch.tensor([query_starts[i] for i in seqs], dtype=torch.int64)  # host, no sync
+    first_rows = query_starts(metadata)
+    starts = torch.tensor([first_rows[i] for i in seqs], dtype=torch.int64)  # host, no sync
     max_q = int(q_lens.max())
     num_blocks = -(-int(s_lens.max()) // block_size)
 
