@@ -23,7 +23,7 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 
 
 def _fetch_default_model(session: nox.Session) -> None:
-    session.run("python", "-m", "streamgen.models", "fetch")
+    session.run("python", "-m", "streamgen.checkpoint", "fetch")
 
 
 @nox.session

@@ -15,8 +15,8 @@ from pathlib import Path
 
 def default_gguf_path() -> Path:
     """Path of the default model's GGUF, extracted (and hash-checked) on first use."""
-    from streamgen.models import default_model as dm
-    from streamgen.models import streamgen_home
+    from streamgen.checkpoint import default_model as dm
+    from streamgen.checkpoint import streamgen_home
 
     installed = dm._installed_gguf()
     if installed is not None:

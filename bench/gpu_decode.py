@@ -115,7 +115,7 @@ def build_models(cfg: BenchConfig, workdir: Path) -> tuple[Any, Any]:
     1 + N(0, 0.02) norms. The HF model is saved as safetensors and loaded back."""
     from transformers import AutoModelForCausalLM
 
-    from streamgen.model.loader import load_model
+    from streamgen.checkpoint.loader import load_model
 
     config = llama_3_2_1b_config(cfg.tiny)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)

@@ -115,8 +115,8 @@ class ModelInfo:
     def load(cls, model: str | None) -> ModelInfo:
         from transformers import AutoConfig
 
+        from streamgen.checkpoint import default_model_path
         from streamgen.model.config import ModelSpec
-        from streamgen.models import default_model_path
 
         model_dir = Path(model) if model else default_model_path()
         spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(model_dir))

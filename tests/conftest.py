@@ -41,7 +41,7 @@ def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real default model (SmolLM2-135M-Instruct), built into the cache once."""
-    from streamgen.models import default_model_path
+    from streamgen.checkpoint import default_model_path
 
     return default_model_path(progress=True)
 

@@ -32,8 +32,8 @@ from bench.workloads import Request, SystemOptions
 def load_hf_model(model: str | None, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from streamgen.model.loader import resolve_dtype
-    from streamgen.models import default_model_path
+    from streamgen.checkpoint import default_model_path
+    from streamgen.checkpoint.loader import resolve_dtype
 
     path = model or str(default_model_path(progress=False))
     return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).eval()

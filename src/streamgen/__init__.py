@@ -6,6 +6,7 @@
 ...         print(event.text, end="")
 """
 
+from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.engine import (
     Completion,
     Engine,
@@ -27,7 +28,7 @@ from streamgen.errors import (
     StreamgenError,
     UnsupportedModelError,
 )
-from streamgen.model import LoadedModel, ModelSpec, load_model
+from streamgen.model import ModelSpec
 from streamgen.offline import OfflineGenerator
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.sampling_params import SamplingParams

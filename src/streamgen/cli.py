@@ -12,7 +12,7 @@ DEFAULT_QUESTION = "Explain in three sentences why the sky is blue."
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from streamgen.model import load_model
+    from streamgen.checkpoint.loader import load_model
     from streamgen.offline import OfflineGenerator
     from streamgen.sampling_params import SamplingParams
 
@@ -42,7 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from streamgen.models import default_model_path
+    from streamgen.checkpoint import default_model_path
 
     print(default_model_path(progress=True))
     return 0

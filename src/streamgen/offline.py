@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from streamgen.checkpoint.loader import LoadedModel
 from streamgen.errors import CapacityError, ConfigError
 from streamgen.kv.block_manager import BlockManager
-from streamgen.model.loader import LoadedModel
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.sampling_params import SamplingParams

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import make_hf_checkpoint, tiny_hf_config
 
-from streamgen.model import load_model
+from streamgen.checkpoint.loader import load_model
 from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner

@@ -11,8 +11,8 @@ import torch
 from helpers import make_hf_checkpoint, tiny_hf_config
 from safetensors.torch import load_file, save_file
 
+from streamgen.checkpoint.loader import load_model
 from streamgen.errors import ConfigError, MissingTensorError, ModelLoadError, UnsupportedModelError
-from streamgen.model import load_model
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_hf_checkpoint, tiny_hf_config
 
-from streamgen.model import load_model
+from streamgen.checkpoint.loader import load_model
 from streamgen.model.native_decode import NativeDecoder
 from streamgen.native import NativeKernels, NativeUnavailableError, native_kernels
 from streamgen.native.build import build_library, load_library

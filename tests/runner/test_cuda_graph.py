@@ -22,9 +22,9 @@ from helpers import make_hf_checkpoint, tiny_hf_config
 
 from streamgen import SamplingParams, load_model
 from streamgen.attention.triton_backend import TritonAttentionBackend
+from streamgen.checkpoint.loader import LoadedModel
 from streamgen.engine.config import EngineConfig
 from streamgen.errors import ConfigError, InvalidPromptError
-from streamgen.model.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, SamplingRequest, SequenceChunk
 from streamgen.runner.cuda_graph import (
     CudaGraphConfig,

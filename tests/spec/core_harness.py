@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from invariants import check_block_manager
 
+from streamgen.checkpoint.loader import LoadedModel
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.events import Abort, TokenEvent
 from streamgen.engine.metrics import RequestMetrics
 from streamgen.kv import BlockManager
-from streamgen.model.loader import LoadedModel
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.sampling_params import SamplingParams

@@ -17,6 +17,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from streamgen.attention.auto import resolve_backend
+from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.delivery import loop_scheduler
@@ -24,7 +25,6 @@ from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, Stream
 from streamgen.engine.stream import RequestStream
 from streamgen.errors import EngineDeadError, InvalidPromptError, RequestError
 from streamgen.kv import BlockManager
-from streamgen.model.loader import LoadedModel, load_model
 from streamgen.runner.cuda_graph import CudaGraphConfig
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner

@@ -1,6 +1,9 @@
-"""Llama-family model runtime: config, weights, forward over a flat token batch."""
+"""The Llama-family model runtime: its description and its forward over a flat token batch.
+
+Reading checkpoints (HF directories, GGUF files, the default model) lives in
+:mod:`streamgen.checkpoint`; this package only computes.
+"""
 
 from streamgen.model.config import ModelSpec
-from streamgen.model.loader import LoadedModel, load_model
 
-__all__ = ["LoadedModel", "ModelSpec", "load_model"]
+__all__ = ["ModelSpec"]

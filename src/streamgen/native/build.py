@@ -2,11 +2,18 @@
 
 The library is built on first use with the system C compiler (``$CC`` or
 ``cc``) into ``$STREAMGEN_HOME/native/decode_kernels-<key>.so``, where the key
-hashes the source, the flags and the compiler's version, so an edited source or
+hashes the sources, the flags and the compiler's version, so an edited source or
 another CPU level builds anew and a stale build is never loaded. The build goes
 to a temporary file that is renamed into place, so concurrent processes never
-load a half-written library. AVX2 + FMA kernels are compiled where torch
-reports an AVX2 (or AVX-512) CPU; a scalar build serves other CPUs.
+load a half-written library.
+
+Two kinds of sources go into the one library:
+
+* ``decode_kernels.c`` (the dense small-step kernels) is compiled with AVX2 + FMA
+  where torch reports an AVX2 (or AVX-512) CPU, scalar elsewhere;
+* the quantized core (``QUANT_SOURCES``) is compiled with no ISA flags at all: each
+  of its ISA files sets its own ``#pragma GCC target`` and the kernels are chosen at
+  run time from the CPU's flags, so the build never depends on the machine.
 
 ``STREAMGEN_NATIVE=0`` switches the native path off (everything runs through
 torch); without a compiler it is off, with one warning.
@@ -26,6 +33,13 @@ from pathlib import Path
 
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
 SOURCE_NAME = "decode_kernels.c"
+QUANT_SOURCES = (
+    "qgemm.c", "qgemm_scalar.c", "qgemm_avx2.c", "qgemm_avxvnni.c", "qgemm_avx512.c",
+    "thread_pool.c",
+)
+HEADERS = (
+    "quant_layout.h", "quant_access.h", "qgemm_kernels.h", "qgemm_x86_256.h", "thread_pool.h",
+)
 
 
 class NativeUnavailableError(RuntimeError):
@@ -39,7 +53,7 @@ def native_disabled() -> bool:
 
 def compile_flags(cpu_capability: str) -> list[str]:
     """gcc/clang flags for a torch CPU capability string (``"AVX2"``, ``"AVX512"``, ...)."""
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno"]
+    flags = ["-O3", "-std=c11", "-fPIC", "-fno-math-errno"]
     if cpu_capability.upper().startswith(("AVX2", "AVX512")):
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -64,33 +78,40 @@ def _compiler_version(compiler: str) -> str:
 
 def build_library(out_dir: Path, cpu_capability: str) -> Path:
     """The path of the built library, building it into ``out_dir`` if absent."""
-    source = resources.files("streamgen.native").joinpath(SOURCE_NAME).read_bytes()
+    package = resources.files("streamgen.native")
+    names = (SOURCE_NAME, *QUANT_SOURCES, *HEADERS)
+    sources = {name: package.joinpath(name).read_bytes() for name in names}
     compiler = _compiler()
     flags = compile_flags(cpu_capability)
-    key = hashlib.sha256(
-        source + "\0".join([*flags, _compiler_version(compiler)]).encode()
-    ).hexdigest()[:16]
-    target = out_dir / f"decode_kernels-{key}.so"
+    digest = hashlib.sha256("\0".join([*flags, _compiler_version(compiler)]).encode())
+    for name in names:
+        digest.update(name.encode() + b"\0" + sources[name])
+    target = out_dir / f"decode_kernels-{digest.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
-        src_path = Path(tmp) / SOURCE_NAME
-        src_path.write_bytes(source)
+        for name, data in sources.items():
+            (Path(tmp) / name).write_bytes(data)
+        objects = []
+        for name in (SOURCE_NAME, *QUANT_SOURCES):
+            obj = Path(tmp) / (name + ".o")
+            unit_flags = flags if name == SOURCE_NAME else compile_flags("DEFAULT")
+            _run([compiler, *unit_flags, "-c", str(Path(tmp) / name), "-o", str(obj)])
+            objects.append(str(obj))
         lib_path = Path(tmp) / target.name
-        command = [compiler, *flags, str(src_path), "-o", str(lib_path), "-lm"]
-        try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, timeout=300, check=False
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise NativeUnavailableError(f"cannot run {compiler}: {exc}") from exc
-        if result.returncode != 0:
-            raise NativeUnavailableError(
-                f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}"
-            )
+        _run([compiler, "-shared", *objects, "-o", str(lib_path), "-lm", "-lpthread"])
         os.replace(lib_path, target)  # atomic: readers see no file or the whole library
     return target
+
+
+def _run(command: list[str]) -> None:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailableError(f"cannot run {command[0]}: {exc}") from exc
+    if result.returncode != 0:
+        raise NativeUnavailableError(f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
 
 
 def load_library() -> ctypes.CDLL:
@@ -109,7 +130,7 @@ def load_library() -> ctypes.CDLL:
 def _load_built_library() -> ctypes.CDLL:
     import torch
 
-    from streamgen.models.cache import streamgen_home
+    from streamgen.checkpoint.cache import streamgen_home
 
     capability = torch.backends.cpu.get_cpu_capability()
     path = build_library(streamgen_home() / "native", capability)

@@ -11,7 +11,7 @@ import torch
 
 from streamgen.attention.backend import AttentionBackend
 from streamgen.attention.registry import create_backend
-from streamgen.model.loader import LoadedModel
+from streamgen.checkpoint.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, RunnerOutput, SequenceChunk
 from streamgen.runner.cuda_graph import CudaGraphConfig, CudaGraphRunner, reserve_graph_memory
 from streamgen.runner.input_prep import StepInputs, prepare_inputs

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.errors import ConfigError
-from streamgen.model.loader import LoadedModel, load_model
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.spec.config import SpeculationConfig

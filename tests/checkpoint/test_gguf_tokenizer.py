@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import regex
 
-from streamgen.models.gguf_convert import llama_cpp_pre_tokenizer
+from streamgen.checkpoint.gguf_convert import llama_cpp_pre_tokenizer
 
 DIGIT_PATTERN = regex.compile(r"\p{N}")
 GPT2_PATTERN = regex.compile(

@@ -1,4 +1,4 @@
-"""Command line for the model cache: ``python -m streamgen.models fetch``.
+"""Command line for the model cache: ``python -m streamgen.checkpoint fetch``.
 
 ``fetch`` builds the default model if needed (download, conversion), verifies
 it, and prints its directory on stdout; progress goes to stderr.
@@ -11,8 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from streamgen.checkpoint.default_model import DEFAULT_MODEL_NAME, default_model_path
 from streamgen.errors import ModelLoadError
-from streamgen.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,11 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> main(["fetch", "--quiet"])  # doctest: +SKIP
-        /root/.cache/streamgen/models/SmolLM2-135M-Instruct
+        /root/.cache/streamgen/checkpoint/SmolLM2-135M-Instruct
         0
     """
     parser = argparse.ArgumentParser(
-        prog="python -m streamgen.models", description="Manage streamgen's local model cache."
+        prog="python -m streamgen.checkpoint", description="Manage streamgen's local model cache."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser(

@@ -58,7 +58,7 @@ def streamgen_home() -> Path:
     The directory is not created here.
 
     Example:
-        >>> from streamgen.models import streamgen_home
+        >>> from streamgen.checkpoint import streamgen_home
         >>> downloads_dir = streamgen_home() / "downloads"
     """
     override = os.environ.get(HOME_ENV_VAR)

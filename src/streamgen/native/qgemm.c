@@ -1,0 +1,201 @@
+/*
+ * Entry points of the quantized compute core: ISA choice, activation quantization,
+ * the threaded matmul, and dequantization (prefill scratch, embedding rows, tests).
+ *
+ * The ISA is chosen by the caller (streamgen/native/qkernels.py) from the CPU's flags,
+ * or forced by STREAMGEN_NATIVE_ISA, and travels in sg_qctx: no global state here.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "qgemm_kernels.h"
+#include "quant_access.h"
+#include "thread_pool.h"
+
+enum { SG_QOK = 0, SG_QENOMEM = -1, SG_QEINVAL = -2 };
+
+typedef struct {
+    sg_pool *pool; /* NULL: the caller's thread alone */
+    int32_t isa;   /* enum sg_isa */
+    int32_t _pad;
+} sg_qctx;
+
+/* One row of the table per ISA: its kernels and the CPU flags it needs. */
+static const struct {
+    const sg_qgemm_fn *kernels;
+    const char *name;
+} ISAS[SG_ISAS] = {
+    [SG_ISA_SCALAR] = {sg_qgemm_scalar, "scalar"},
+    [SG_ISA_AVX2] = {sg_qgemm_avx2, "avx2"},
+    [SG_ISA_AVXVNNI] = {sg_qgemm_avxvnni, "avxvnni"},
+    [SG_ISA_AVX512VNNI] = {sg_qgemm_avx512vnni, "avx512vnni"},
+};
+
+int sg_isa_supported(int32_t isa) {
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    switch (isa) {
+    case SG_ISA_SCALAR: return 1;
+    case SG_ISA_AVX2: return avx2;
+    case SG_ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case SG_ISA_AVX512VNNI:
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+    }
+}
+
+const char *sg_isa_name(int32_t isa) { return isa >= 0 && isa < SG_ISAS ? ISAS[isa].name : NULL; }
+
+/* ----- activations ----------------------------------------------------------------- */
+
+/* x [m, in] f32 -> a: per 32 inputs d = max|x| / 127, q = round-half-even(x / d), and the
+ * sums of q per 16 inputs. */
+int sg_quantize_act(const float *x, int64_t m, int64_t in, sg_qact *a) {
+    if (!x || !a || m < 0 || in % SG_QBLOCK) return SG_QEINVAL;
+    a->m = m, a->in = in;
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t blk = 0; blk < in / SG_QBLOCK; blk++) {
+            const float *xb = x + r * in + blk * SG_QBLOCK;
+            float amax = 0.0f;
+            for (int k = 0; k < SG_QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            int8_t *qb = a->q + r * in + blk * SG_QBLOCK;
+            int32_t s[2] = {0, 0};
+            for (int k = 0; k < SG_QBLOCK; k++) {
+                /* |x * id| <= 127: adding and taking away 1.5 * 2^23 rounds half to even
+                 * (the default rounding mode), with no libm call. */
+                const float shifted = xb[k] * id + 12582912.0f;
+                const float v = fminf(fmaxf(shifted - 12582912.0f, -127.0f), 127.0f);
+                qb[k] = (int8_t)v;
+                s[k / 16] += qb[k];
+            }
+            a->d[r * (in / SG_QBLOCK) + blk] = d;
+            a->s16[r * (in / 16) + blk * 2] = s[0];
+            a->s16[r * (in / 16) + blk * 2 + 1] = s[1];
+        }
+    }
+    return SG_QOK;
+}
+
+/* ----- matmul ------------------------------------------------------------------------ */
+
+typedef struct {
+    sg_qgemm_fn kernel;
+    const sg_qweight *w;
+    const sg_qact *a;
+    float *y;
+    int64_t groups, tasks;
+} gemm_job;
+
+static void gemm_task(void *ctx, int64_t task) {
+    const gemm_job *job = (const gemm_job *)ctx;
+    const int64_t g0 = task * job->groups / job->tasks, g1 = (task + 1) * job->groups / job->tasks;
+    job->kernel(job->w, job->a, job->y, g0, g1);
+    const float *bias = job->w->bias;
+    if (!bias) return;
+    const int64_t out = job->w->out_features;
+    for (int64_t r = 0; r < job->a->m; r++)
+        for (int64_t c = g0 * SG_GROUP_ROWS; c < g1 * SG_GROUP_ROWS; c++) job->y[r * out + c] += bias[c];
+}
+
+static int check_weight(const sg_qweight *w) {
+    if (!w || !w->data || w->type < 0 || w->type >= SG_QTYPES) return 0;
+    const sg_qformat *f = &SG_QFORMATS[w->type];
+    return w->out_features > 0 && w->out_features % SG_GROUP_ROWS == 0 && w->in_features > 0 &&
+           w->in_features % (SG_QBLOCK * f->blocks_per_tile) == 0;
+}
+
+/* y [m, out] = a [m, in] @ W^T + bias. */
+int sg_qgemm(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y) {
+    if (!ctx || ctx->isa < 0 || ctx->isa >= SG_ISAS || !check_weight(w) || !a || !y ||
+        a->in != w->in_features || a->m < 0)
+        return SG_QEINVAL;
+    if (a->m == 0) return SG_QOK;
+    const int64_t groups = w->out_features / SG_GROUP_ROWS;
+    /* A few tasks per thread balance uneven cores; each task is whole row groups. */
+    int64_t tasks = (int64_t)sg_pool_threads(ctx->pool) * 4;
+    if (tasks > groups) tasks = groups;
+    if (tasks > SG_POOL_MAX_TASKS) tasks = SG_POOL_MAX_TASKS;
+    gemm_job job = {ISAS[ctx->isa].kernels[w->type], w, a, y, groups, tasks};
+    sg_pool_run(ctx->pool, gemm_task, &job, tasks);
+    return SG_QOK;
+}
+
+int sg_qact_alloc(sg_qact *a, int64_t m, int64_t in) {
+    a->q = (int8_t *)malloc((size_t)(m * in) + 1);
+    a->d = (float *)malloc(sizeof(float) * (size_t)(m * in / SG_QBLOCK) + 1);
+    a->s16 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * in / 16) + 1);
+    a->m = m, a->in = in;
+    return a->q && a->d && a->s16 ? SG_QOK : SG_QENOMEM;
+}
+
+void sg_qact_free(sg_qact *a) {
+    free(a->q), free(a->d), free(a->s16);
+    a->q = NULL, a->d = NULL, a->s16 = NULL;
+}
+
+/* y [m, out] f32 = x [m, in] f32 @ W^T + bias, quantizing x on the way. */
+int sg_qlinear(const sg_qctx *ctx, const sg_qweight *w, const float *x, int64_t m, float *y) {
+    if (!check_weight(w) || !x || !y || m < 0) return SG_QEINVAL;
+    sg_qact a;
+    int rc = sg_qact_alloc(&a, m, w->in_features);
+    if (rc == SG_QOK) rc = sg_quantize_act(x, m, w->in_features, &a);
+    if (rc == SG_QOK) rc = sg_qgemm(ctx, w, &a, y);
+    sg_qact_free(&a);
+    return rc;
+}
+
+/* ----- dequantization ---------------------------------------------------------------- */
+
+typedef struct {
+    const sg_qweight *w;
+    const int64_t *rows;
+    float *out;
+    int64_t n;
+} dequant_job;
+
+static void dequant_row(const sg_qweight *w, int64_t row, float *out) {
+    const sg_qformat *f = &SG_QFORMATS[w->type];
+    const int64_t in = w->in_features, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
+    const int64_t tile_bytes = sg_tile_bytes(f);
+    const uint8_t *group = w->data + (row / SG_GROUP_ROWS) * (blocks / tb) * tile_bytes;
+    const int r = (int)(row % SG_GROUP_ROWS);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const uint8_t *tile = group + (blk / tb) * tile_bytes;
+        const int b = (int)(blk % tb);
+        const float mn = min_at(f, tile, b, r);
+        for (int h = 0; h < SG_QBLOCK / f->sub; h++) {
+            const float sc = scale_at(f, tile, b, r, h);
+            for (int k = h * f->sub; k < (h + 1) * f->sub; k++) {
+                const float v = sc * (float)(quant_at(f, tile, b, r, k) - f->zp);
+                out[blk * SG_QBLOCK + k] = f->min_kind == SG_MIN_NONE ? v : v + mn;
+            }
+        }
+    }
+}
+
+static void dequant_task(void *ctx, int64_t task) {
+    const dequant_job *job = (const dequant_job *)ctx;
+    const int64_t in = job->w->in_features;
+    for (int64_t i = task * 64; i < job->n && i < (task + 1) * 64; i++)
+        dequant_row(job->w, job->rows ? job->rows[i] : i, job->out + i * in);
+}
+
+/* out [n, in] f32 = rows rows[0 .. n) of W (rows NULL: rows 0 .. n), the values
+ * w = scale * (q - zp) + min exactly as gguf.quants.dequantize gives them. */
+int sg_qdequantize_rows(const sg_qctx *ctx, const sg_qweight *w, const int64_t *rows, int64_t n,
+                        float *out) {
+    if (!check_weight(w) || !out || n < 0 || (!rows && n > w->out_features)) return SG_QEINVAL;
+    if (rows)
+        for (int64_t i = 0; i < n; i++)
+            if (rows[i] < 0 || rows[i] >= w->out_features) return SG_QEINVAL;
+    dequant_job job = {w, rows, out, n};
+    int64_t tasks = (n + 63) / 64;
+    if (tasks > SG_POOL_MAX_TASKS) return SG_QEINVAL;
+    sg_pool_run(ctx ? ctx->pool : NULL, dequant_task, &job, tasks);
+    return SG_QOK;
+}
+
+sg_pool *sg_qpool_create(int32_t threads) { return sg_pool_create(threads); }
+void sg_qpool_destroy(sg_pool *pool) { sg_pool_destroy(pool); }

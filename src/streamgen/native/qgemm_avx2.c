@@ -1,0 +1,6 @@
+/* AVX2 quantized matmul (vpmaddubsw): see qgemm_x86_256.h. */
+#pragma GCC target("avx2,fma,f16c")
+#define SG_X86_VNNI 0
+#include "qgemm_x86_256.h"
+
+const sg_qgemm_fn sg_qgemm_avx2[SG_QTYPES] = SG_KERNEL_TABLE;

@@ -1,0 +1,148 @@
+/*
+ * AVX-512 VNNI quantized matmul: one 512-bit register is one quad image of a row group
+ * (16 rows x 4 inputs), so one vpdpbusd against 4 broadcast activations advances 16
+ * output rows; each unpacked weight block serves SG_ROW_TILE activation rows.
+ */
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#include <immintrin.h>
+#include <string.h>
+
+#include "qgemm_kernels.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* wq[j] = the 16 x 4 unsigned quants of quad j of block b. */
+INLINE void unpack_block(const sg_qformat *f, const uint8_t *tile, int b, __m512i wq[8]) {
+    if (f->bits == 8) {
+        for (int j = 0; j < 8; j++) wq[j] = _mm512_loadu_si512(tile + (int64_t)b * 512 + 64 * j);
+        return;
+    }
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int j = 0; j < 4; j++) {
+        const __m512i v = _mm512_loadu_si512(tile + (int64_t)b * 256 + 64 * j);
+        wq[j] = _mm512_and_si512(v, low4);
+        wq[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    const uint8_t *qh = tile + sg_qh_offset(f) + (int64_t)b * f->qh_bytes;
+    if (f->bits == 5) { /* bit j of the plane -> bit 4 of quad j */
+        const __m512i h = _mm512_loadu_si512(qh), bit4 = _mm512_set1_epi8(0x10);
+        for (int j = 0; j < 8; j++) {
+            const __m512i s = j <= 4 ? _mm512_slli_epi16(h, 4 - j) : _mm512_srli_epi16(h, j - 4);
+            wq[j] = _mm512_or_si512(wq[j], _mm512_and_si512(s, bit4));
+        }
+    } else if (f->bits == 6) { /* bits 2(j % 4).. of plane j / 4 -> bits 4-5 of quad j */
+        const __m512i bits45 = _mm512_set1_epi8(0x30);
+        for (int j = 0; j < 8; j++) {
+            const __m512i h = _mm512_loadu_si512(qh + 64 * (j / 4));
+            const int s = 2 * (j % 4);
+            const __m512i t = s < 4 ? _mm512_slli_epi16(h, 4 - s) : _mm512_srli_epi16(h, s - 4);
+            wq[j] = _mm512_or_si512(wq[j], _mm512_and_si512(t, bits45));
+        }
+    }
+}
+
+INLINE __m512 u8_to_ps(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+INLINE __m512 i8_to_ps(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+INLINE __m512 f16_to_ps(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* Scales of sub-blocks 0 and 1 (1 only where sub = 16) and the min of block b. */
+INLINE void block_scales(const sg_qformat *f, const uint8_t *tile, int b, __m512 dsup, __m512 dmin,
+                         __m512 *sc0, __m512 *sc1, __m512 *mn) {
+    const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
+    if (f->scale_kind == SG_SCALE_F16) {
+        *sc0 = f16_to_ps(sc);
+    } else if (f->scale_kind == SG_SCALE_K_U8) {
+        *sc0 = _mm512_mul_ps(dsup, u8_to_ps(sc));
+    } else {
+        *sc0 = _mm512_mul_ps(dsup, i8_to_ps(sc));
+        *sc1 = _mm512_mul_ps(dsup, i8_to_ps(sc + 16));
+    }
+    const uint8_t *m = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
+    if (f->min_kind == SG_MIN_F16) *mn = f16_to_ps(m);
+    if (f->min_kind == SG_MIN_K) *mn = _mm512_mul_ps(dmin, u8_to_ps(m));
+}
+
+/* y[row0 .. row0 + NR, col0 .. col0 + 16) for one row group. */
+INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
+                       const int NR, float *y, int64_t out, int64_t col0) {
+    const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
+    const int64_t tile_bytes = sg_tile_bytes(f);
+    __m512 acc[SG_ROW_TILE];
+    for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const uint8_t *tile = group + (blk / tb) * tile_bytes;
+        const int b = (int)(blk % tb);
+        __m512 dsup = _mm512_setzero_ps(), dmin = _mm512_setzero_ps();
+        if (f->sup_bytes) dsup = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f)));
+        if (f->min_kind == SG_MIN_K) dmin = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f) + 64));
+        __m512i wq[8];
+        unpack_block(f, tile, b, wq);
+        __m512 sc0, sc1 = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+        block_scales(f, tile, b, dsup, dmin, &sc0, &sc1, &mn);
+        for (int r = 0; r < NR; r++) {
+            const int64_t row = row0 + r;
+            int32_t a4[8];
+            memcpy(a4, a->q + row * in + blk * SG_QBLOCK, sizeof a4);
+            const __m512i z = _mm512_setzero_si512();
+            __m512i p0 = _mm512_dpbusd_epi32(z, wq[0], _mm512_set1_epi32(a4[0]));
+            __m512i p1 = _mm512_dpbusd_epi32(z, wq[1], _mm512_set1_epi32(a4[1]));
+            __m512i p2 = _mm512_dpbusd_epi32(z, wq[4], _mm512_set1_epi32(a4[4]));
+            __m512i p3 = _mm512_dpbusd_epi32(z, wq[5], _mm512_set1_epi32(a4[5]));
+            p0 = _mm512_dpbusd_epi32(p0, wq[2], _mm512_set1_epi32(a4[2]));
+            p1 = _mm512_dpbusd_epi32(p1, wq[3], _mm512_set1_epi32(a4[3]));
+            p2 = _mm512_dpbusd_epi32(p2, wq[6], _mm512_set1_epi32(a4[6]));
+            p3 = _mm512_dpbusd_epi32(p3, wq[7], _mm512_set1_epi32(a4[7]));
+            __m512i lo = _mm512_add_epi32(p0, p1), hi = _mm512_add_epi32(p2, p3);
+            const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
+            const __m512 da = _mm512_set1_ps(a->d[row * blocks + blk]);
+            if (f->sub == 32) {
+                __m512i isum = _mm512_add_epi32(lo, hi);
+                if (f->zp) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(f->zp * (s16[0] + s16[1])));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sc0, da), acc[r]);
+            } else {
+                lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(f->zp * s16[0]));
+                hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(f->zp * s16[1]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(sc0, da), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(sc1, da), acc[r]);
+            }
+            if (f->min_kind != SG_MIN_NONE)
+                acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->d[row * blocks + blk] * (float)(s16[0] + s16[1])), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
+}
+
+INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,
+                 int64_t g1) {
+    const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *group = w->data + g * group_bytes;
+        int64_t row = 0;
+        for (; row + SG_ROW_TILE <= a->m; row += SG_ROW_TILE)
+            group_rows(f, group, a, row, SG_ROW_TILE, y, w->out_features, g * SG_GROUP_ROWS);
+        switch (a->m - row) {
+        case 3: group_rows(f, group, a, row, 3, y, w->out_features, g * SG_GROUP_ROWS); break;
+        case 2: group_rows(f, group, a, row, 2, y, w->out_features, g * SG_GROUP_ROWS); break;
+        case 1: group_rows(f, group, a, row, 1, y, w->out_features, g * SG_GROUP_ROWS); break;
+        default: break;
+        }
+    }
+}
+
+#define SG_KERNEL(T)                                                                     \
+    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,   \
+                         int64_t g1) {                                                  \
+        gemm(&SG_QFORMATS[SG_##T], w, a, y, g0, g1);                                     \
+    }
+SG_KERNEL(Q4_0)
+SG_KERNEL(Q4_1)
+SG_KERNEL(Q5_0)
+SG_KERNEL(Q5_1)
+SG_KERNEL(Q8_0)
+SG_KERNEL(Q4_K)
+SG_KERNEL(Q5_K)
+SG_KERNEL(Q6_K)
+
+const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES] = {
+    gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K,
+};

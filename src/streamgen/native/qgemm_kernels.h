@@ -1,0 +1,35 @@
+/*
+ * The quantized matmul kernels of every ISA, behind one signature.
+ *
+ * A kernel computes y[r, 16 g0 .. 16 g1) for every activation row r: output columns of
+ * the row groups [g0, g1) of a packed weight (quant_layout.h), without bias. Each ISA
+ * file compiles its kernels with its own `#pragma GCC target`, so one build serves every
+ * CPU and the dispatcher (qgemm.c) picks the variant from the CPU's flags at run time.
+ *
+ * Arithmetic, the same in every variant (tests/native/test_qgemm.py checks each one
+ * against numpy): per block of 32 inputs and sub-block h of `sub` inputs,
+ *
+ *     isum_h = sum q_w * q_a - zp * sum q_a         (int32, exact)
+ *     y     += (float)isum_h * (scale_h * d_a)      (fp32)
+ *     y     += min * (d_a * (float)sum q_a)         (types with a min)
+ */
+#ifndef SG_QGEMM_KERNELS_H
+#define SG_QGEMM_KERNELS_H
+
+#include "quant_layout.h"
+
+typedef void (*sg_qgemm_fn)(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,
+                            int64_t g1);
+
+enum sg_isa { SG_ISA_SCALAR, SG_ISA_AVX2, SG_ISA_AVXVNNI, SG_ISA_AVX512VNNI, SG_ISAS };
+
+/* One table per ISA, indexed by enum sg_qtype; a NULL table: not compiled in. */
+extern const sg_qgemm_fn sg_qgemm_scalar[SG_QTYPES];
+extern const sg_qgemm_fn sg_qgemm_avx2[SG_QTYPES];
+extern const sg_qgemm_fn sg_qgemm_avxvnni[SG_QTYPES];
+extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
+
+/* Activation rows per register tile: each unpacked weight block serves this many. */
+enum { SG_ROW_TILE = 4 };
+
+#endif

@@ -1,0 +1,181 @@
+/*
+ * 256-bit quantized matmul, shared by the AVX2 and AVX-VNNI variants: a quad image of a
+ * row group is two 256-bit halves (rows 0-7, rows 8-15), each done as its own 8-row pass.
+ * The only difference between the variants is the 4-input dot product (dot_pair):
+ *
+ *   AVX-VNNI  vpdpbusd                                  u8 x s8 -> s32
+ *   AVX2      vpmaddubsw (u8 x s8 -> s16 pairs), vpmaddwd by 1 -> s32
+ *             (two quads' s16 sums added first: 2 x 2 x 63 x 127 < 2^15 for <= 6 bits;
+ *              8-bit quants take the sign trick on q - 128, so their zero point is folded)
+ *
+ * The including file sets SG_X86_VNNI and its `#pragma GCC target`, and names the table.
+ */
+#include <immintrin.h>
+#include <string.h>
+
+#include "qgemm_kernels.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int half, __m256i wq[8]) {
+    const int64_t lane0 = 32 * half;
+    if (f->bits == 8) {
+        for (int j = 0; j < 8; j++)
+            wq[j] = _mm256_loadu_si256((const __m256i *)(tile + (int64_t)b * 512 + 64 * j + lane0));
+        return;
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(tile + (int64_t)b * 256 + 64 * j + lane0));
+        wq[j] = _mm256_and_si256(v, low4);
+        wq[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+    const uint8_t *qh = tile + sg_qh_offset(f) + (int64_t)b * f->qh_bytes + lane0;
+    if (f->bits == 5) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh), bit4 = _mm256_set1_epi8(0x10);
+        for (int j = 0; j < 8; j++) {
+            const __m256i s = j <= 4 ? _mm256_slli_epi16(h, 4 - j) : _mm256_srli_epi16(h, j - 4);
+            wq[j] = _mm256_or_si256(wq[j], _mm256_and_si256(s, bit4));
+        }
+    } else if (f->bits == 6) {
+        const __m256i bits45 = _mm256_set1_epi8(0x30);
+        for (int j = 0; j < 8; j++) {
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 64 * (j / 4)));
+            const int s = 2 * (j % 4);
+            const __m256i t = s < 4 ? _mm256_slli_epi16(h, 4 - s) : _mm256_srli_epi16(h, s - 4);
+            wq[j] = _mm256_or_si256(wq[j], _mm256_and_si256(t, bits45));
+        }
+    }
+}
+
+/* acc + the 4-input dot products of quads (w0, a0) and (w1, a1), 8 rows. */
+INLINE __m256i dot_pair(const sg_qformat *f, __m256i acc, __m256i w0, __m256i a0, __m256i w1, __m256i a1) {
+#if SG_X86_VNNI
+    (void)f;
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, w0, a0), w1, a1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (f->bits == 8) {
+        const __m256i bias = _mm256_set1_epi8((char)0x80);
+        const __m256i s0 = _mm256_xor_si256(w0, bias), s1 = _mm256_xor_si256(w1, bias);
+        const __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(s0, s0), _mm256_sign_epi8(a0, s0));
+        const __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(s1, s1), _mm256_sign_epi8(a1, s1));
+        return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones)));
+    }
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+#endif
+}
+
+/* The zero point still to subtract after dot_pair (AVX2 folds the 8-bit one). */
+INLINE int zero_point(const sg_qformat *f) {
+#if SG_X86_VNNI
+    return f->zp;
+#else
+    return f->bits == 8 ? 0 : f->zp;
+#endif
+}
+
+INLINE __m256 u8_to_ps(const uint8_t *p) {
+    __m128i v;
+    memcpy(&v, p, 8); /* the low 8 bytes */
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
+INLINE __m256 i8_to_ps(const uint8_t *p) {
+    __m128i v;
+    memcpy(&v, p, 8);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
+INLINE __m256 f16_to_ps(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+INLINE void half_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
+                      const int NR, int half, float *y, int64_t out, int64_t col0) {
+    const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
+    const int64_t tile_bytes = sg_tile_bytes(f);
+    const int zp = zero_point(f);
+    __m256 acc[SG_ROW_TILE];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const uint8_t *tile = group + (blk / tb) * tile_bytes;
+        const int b = (int)(blk % tb);
+        __m256i wq[8];
+        unpack_half(f, tile, b, half, wq);
+        const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
+        const uint8_t *mp = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
+        const float *sup = (const float *)(tile + sg_sup_offset(f)) + 8 * half;
+        __m256 sc0, sc1 = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
+        if (f->scale_kind == SG_SCALE_F16) sc0 = f16_to_ps(sc + 16 * half);
+        else if (f->scale_kind == SG_SCALE_K_U8) sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), u8_to_ps(sc + 8 * half));
+        else {
+            sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 8 * half));
+            sc1 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 16 + 8 * half));
+        }
+        if (f->min_kind == SG_MIN_F16) mn = f16_to_ps(mp + 16 * half);
+        if (f->min_kind == SG_MIN_K) mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
+        for (int r = 0; r < NR; r++) {
+            const int64_t row = row0 + r;
+            int32_t a4[8];
+            memcpy(a4, a->q + row * in + blk * SG_QBLOCK, sizeof a4);
+            const __m256i z = _mm256_setzero_si256();
+            __m256i lo = dot_pair(f, z, wq[0], _mm256_set1_epi32(a4[0]), wq[1], _mm256_set1_epi32(a4[1]));
+            __m256i hi = dot_pair(f, z, wq[4], _mm256_set1_epi32(a4[4]), wq[5], _mm256_set1_epi32(a4[5]));
+            lo = dot_pair(f, lo, wq[2], _mm256_set1_epi32(a4[2]), wq[3], _mm256_set1_epi32(a4[3]));
+            hi = dot_pair(f, hi, wq[6], _mm256_set1_epi32(a4[6]), wq[7], _mm256_set1_epi32(a4[7]));
+            const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
+            const float d = a->d[row * blocks + blk];
+            const __m256 da = _mm256_set1_ps(d);
+            if (f->sub == 32) {
+                __m256i isum = _mm256_add_epi32(lo, hi);
+                if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc0, da), acc[r]);
+            } else {
+                lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(zp * s16[0]));
+                hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(zp * s16[1]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc0, da), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc1, da), acc[r]);
+            }
+            if (f->min_kind != SG_MIN_NONE)
+                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(d * (float)(s16[0] + s16[1])), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col0 + 8 * half, acc[r]);
+}
+
+INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
+                       const int NR, float *y, int64_t out, int64_t col0) {
+    half_rows(f, group, a, row0, NR, 0, y, out, col0);
+    half_rows(f, group, a, row0, NR, 1, y, out, col0);
+}
+
+INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,
+                 int64_t g1) {
+    const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *group = w->data + g * group_bytes;
+        int64_t row = 0;
+        for (; row + SG_ROW_TILE <= a->m; row += SG_ROW_TILE)
+            group_rows(f, group, a, row, SG_ROW_TILE, y, w->out_features, g * SG_GROUP_ROWS);
+        switch (a->m - row) {
+        case 3: group_rows(f, group, a, row, 3, y, w->out_features, g * SG_GROUP_ROWS); break;
+        case 2: group_rows(f, group, a, row, 2, y, w->out_features, g * SG_GROUP_ROWS); break;
+        case 1: group_rows(f, group, a, row, 1, y, w->out_features, g * SG_GROUP_ROWS); break;
+        default: break;
+        }
+    }
+}
+
+#define SG_KERNEL(T)                                                                     \
+    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,   \
+                         int64_t g1) {                                                  \
+        gemm(&SG_QFORMATS[SG_##T], w, a, y, g0, g1);                                     \
+    }
+SG_KERNEL(Q4_0)
+SG_KERNEL(Q4_1)
+SG_KERNEL(Q5_0)
+SG_KERNEL(Q5_1)
+SG_KERNEL(Q8_0)
+SG_KERNEL(Q4_K)
+SG_KERNEL(Q5_K)
+SG_KERNEL(Q6_K)
+
+#define SG_KERNEL_TABLE {gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K}

@@ -1,0 +1,265 @@
+"""ctypes view of the quantized compute core (``qgemm.c``, ``thread_pool.c``).
+
+:class:`PackedWeight` is a quantized weight as every kernel takes it: the packed bytes
+(``quant_layout.h``), its type and its shape. :class:`QuantContext` is the ISA the
+kernels run with and the thread pool they split each matmul across; it is made once
+per model (no global state) and freed with it.
+
+>>> ctx = QuantContext.create(threads=2)  # doctest: +SKIP
+>>> y = ctx.linear(weight, x)  # x [m, in] f32 -> y [m, out] f32  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+from dataclasses import dataclass
+
+import torch
+
+from streamgen.errors import ConfigError
+from streamgen.native.build import NativeUnavailableError, load_library
+
+ISA_ENV_VAR = "STREAMGEN_NATIVE_ISA"
+GROUP_ROWS = 16
+
+
+class Isa(enum.IntEnum):
+    """``enum sg_isa``: the kernel variants, slowest first."""
+
+    SCALAR = 0
+    AVX2 = 1
+    AVXVNNI = 2
+    AVX512VNNI = 3
+
+
+class QWeightStruct(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("type", ctypes.c_int32),
+        ("_pad", ctypes.c_int32),
+        ("out_features", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+    ]
+
+
+class QActStruct(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("s16", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+    ]
+
+
+class QContextStruct(ctypes.Structure):
+    _fields_ = [("pool", ctypes.c_void_p), ("isa", ctypes.c_int32), ("_pad", ctypes.c_int32)]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A quantized ``[out_features, in_features]`` weight in the kernels' layout.
+
+    ``data`` is the packed bytes of ``padded_out`` rows (a multiple of 16; padded
+    rows are zeros); ``qtype`` is a :class:`~streamgen.checkpoint.gguf_quants.QuantType`
+    value. ``bias`` (f32 ``[padded_out]``) is added by every kernel that uses it.
+    """
+
+    data: torch.Tensor  # [num bytes] uint8
+    qtype: int
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None = None  # [padded_out] f32
+
+    @property
+    def padded_out(self) -> int:
+        return -(-self.out_features // GROUP_ROWS) * GROUP_ROWS
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel()) + (0 if self.bias is None else int(self.bias.numel()) * 4)
+
+    def struct(self) -> QWeightStruct:
+        bias = None if self.bias is None else int(self.bias.data_ptr())
+        return QWeightStruct(
+            int(self.data.data_ptr()), bias, self.qtype, 0, self.padded_out, self.in_features
+        )
+
+    def with_bias(self, bias: torch.Tensor | None) -> PackedWeight:
+        if bias is None:
+            return self
+        padded = torch.zeros(self.padded_out, dtype=torch.float32)
+        padded[: self.out_features] = bias.float()
+        return PackedWeight(self.data, self.qtype, self.out_features, self.in_features, padded)
+
+
+class _Library:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+        self.isa_supported = lib.sg_isa_supported
+        self.isa_supported.argtypes, self.isa_supported.restype = [i32], ctypes.c_int
+        self.pool_create = lib.sg_qpool_create
+        self.pool_create.argtypes, self.pool_create.restype = [i32], vp
+        self.pool_destroy = lib.sg_qpool_destroy
+        self.pool_destroy.argtypes, self.pool_destroy.restype = [vp], None
+        self.quantize_act = lib.sg_quantize_act
+        self.quantize_act.argtypes = [vp, i64, i64, ctypes.POINTER(QActStruct)]
+        self.qgemm = lib.sg_qgemm
+        self.qgemm.argtypes = [
+            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct),
+            ctypes.POINTER(QActStruct), vp,
+        ]
+        self.qlinear = lib.sg_qlinear
+        self.qlinear.argtypes = [
+            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct), vp, i64, vp,
+        ]
+        self.dequantize_rows = lib.sg_qdequantize_rows
+        self.dequantize_rows.argtypes = [
+            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct), vp, i64, vp,
+        ]
+        for fn in (self.quantize_act, self.qgemm, self.qlinear, self.dequantize_rows):
+            fn.restype = ctypes.c_int
+
+
+def _library() -> _Library:
+    return _Library(load_library())
+
+
+def supported_isas() -> list[Isa]:
+    """The variants this CPU runs (always at least the scalar one)."""
+    lib = _library()
+    return [isa for isa in Isa if lib.isa_supported(int(isa))]
+
+
+def select_isa() -> Isa:
+    """``STREAMGEN_NATIVE_ISA`` where set (it must be supported here), else the fastest."""
+    forced = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    available = supported_isas()
+    if not forced:
+        return available[-1]
+    names = {isa.name.lower(): isa for isa in Isa}
+    if forced not in names:
+        raise ConfigError(f"{ISA_ENV_VAR}={forced!r}: use one of {sorted(names)}")
+    if names[forced] not in available:
+        raise ConfigError(
+            f"{ISA_ENV_VAR}={forced!r}: this CPU supports only "
+            f"{[isa.name.lower() for isa in available]}"
+        )
+    return names[forced]
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``sched_getaffinity``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        reason = {-1: "out of memory", -2: "invalid arguments"}.get(code, str(code))
+        raise RuntimeError(f"native {what} failed: {reason}")
+
+
+class QuantContext:
+    """The ISA and the worker pool of the quantized kernels (one per model)."""
+
+    def __init__(self, lib: _Library, isa: Isa, threads: int) -> None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads}: must be >= 1")
+        self._lib = lib
+        self.isa = isa
+        self.threads = threads
+        pool = lib.pool_create(threads) if threads > 1 else None
+        if threads > 1 and not pool:
+            raise NativeUnavailableError(f"cannot start {threads} native worker threads")
+        self._pool = pool
+        self._struct = QContextStruct(pool, int(isa), 0)
+
+    @classmethod
+    def create(cls, *, isa: Isa | None = None, threads: int | None = None) -> QuantContext:
+        """A context for ``isa`` (default: :func:`select_isa`) and ``threads`` workers
+        (default: every CPU this process may use)."""
+        lib = _library()
+        chosen = select_isa() if isa is None else isa
+        if not lib.isa_supported(int(chosen)):
+            raise ConfigError(f"ISA {chosen.name.lower()} is not supported by this CPU")
+        return cls(lib, chosen, default_threads() if threads is None else threads)
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool:
+            self._lib.pool_destroy(pool)
+        self._struct = QContextStruct(None, int(self.isa), 0)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    @property
+    def struct(self) -> QContextStruct:
+        return self._struct
+
+    def linear(self, weight: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+        """``x [m, in]`` f32 @ W^T (+ bias) -> ``[m, out]`` f32."""
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], weight.padded_out, dtype=torch.float32)
+        ws = weight.struct()
+        _check(self._lib.qlinear(
+            ctypes.byref(self._struct), ctypes.byref(ws), x.data_ptr(), x.shape[0], y.data_ptr()
+        ), "quantized linear")
+        return y if weight.padded_out == weight.out_features else y[:, : weight.out_features]
+
+    def quantize_activations(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [m, in] i8, d [m, in/32], s16 [m, in/16]
+        x = x.float().contiguous()
+        m, n = x.shape
+        q = torch.empty(m, n, dtype=torch.int8)
+        d = torch.empty(m, n // 32, dtype=torch.float32)
+        s16 = torch.empty(m, n // 16, dtype=torch.int32)
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n)
+        _check(self._lib.quantize_act(x.data_ptr(), m, n, ctypes.byref(act)), "quantize")
+        return q, d, s16
+
+    def gemm(
+        self, weight: PackedWeight, q: torch.Tensor, d: torch.Tensor, s16: torch.Tensor
+    ) -> torch.Tensor:
+        """The matmul over activations already quantized (``quantize_activations``)."""
+        m, n = q.shape
+        y = torch.empty(m, weight.padded_out, dtype=torch.float32)
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n)
+        ws = weight.struct()
+        _check(self._lib.qgemm(
+            ctypes.byref(self._struct), ctypes.byref(ws), ctypes.byref(act), y.data_ptr()
+        ), "quantized gemm")
+        return y[:, : weight.out_features]
+
+    def dequantize(
+        self, weight: PackedWeight, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [len(rows) or out, in] f32
+        """Rows of the weight (all of them by default) as float32, exactly."""
+        ws = weight.struct()
+        if rows is None:
+            out = torch.empty(weight.out_features, weight.in_features, dtype=torch.float32)
+            code = self._lib.dequantize_rows(
+                ctypes.byref(self._struct), ctypes.byref(ws), None, weight.out_features,
+                out.data_ptr(),
+            )
+        else:
+            ids = rows.to(torch.int64).contiguous()
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.out_features):
+                raise IndexError(f"row ids outside [0, {weight.out_features})")
+            out = torch.empty(ids.numel(), weight.in_features, dtype=torch.float32)
+            code = self._lib.dequantize_rows(
+                ctypes.byref(self._struct), ctypes.byref(ws), ids.data_ptr(), ids.numel(),
+                out.data_ptr(),
+            )
+        _check(code, "dequantize")
+        return out

@@ -1,0 +1,102 @@
+"""The quantized matmul kernels of every ISA this machine runs (and the scalar one),
+for every weight type, against numpy references of the same arithmetic.
+
+* Integer part: with unit scales and activations that quantize to themselves, the
+  output is an integer sum, exact in fp32 -> must be equal.
+* Scales: with random scales, each output is a sum of ``blocks`` terms computed in
+  fp32; the error is at most a few fp32 eps of the sum of the terms' magnitudes
+  (two roundings per term plus one per accumulation): the bound used is
+  ``(blocks + 4) * 2**-23 * sum|term|``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamgen.checkpoint.gguf_quants import FORMATS, QuantType, packed_weight
+from streamgen.native.qkernels import Isa, QuantContext, supported_isas
+from tests.native.quant_reference import quantize_activations, random_unpacked, reference_gemm
+
+ISAS = supported_isas()
+ROWS = (1, 2, 3, 8, 17, 32)
+
+
+@pytest.fixture(scope="module", params=ISAS, ids=lambda isa: isa.name.lower())
+def ctx(request: pytest.FixtureRequest) -> QuantContext:
+    return QuantContext.create(isa=request.param, threads=1)
+
+
+def test_the_scalar_variant_is_always_there() -> None:
+    assert Isa.SCALAR in ISAS
+
+
+@pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
+def test_integer_part_is_exact(ctx: QuantContext, qtype: QuantType) -> None:
+    rng = np.random.default_rng(int(qtype))
+    fmt = FORMATS[qtype]
+    out, n = 40, 3 * fmt.tile_inputs  # 40 rows: not a multiple of the 16-row group
+    u = random_unpacked(qtype, out, n, rng, unit_scales=True)
+    weight = packed_weight(u)
+    x = rng.integers(-127, 128, size=(5, n)).astype(np.float32)
+    x.reshape(5, -1, 32)[:, :, 0] = 127  # every block's max is 127: d = 1, q = x
+    y = ctx.linear(weight, torch.from_numpy(x)).numpy()
+    expected = (u.q.astype(np.int64) - fmt.zp) @ x.astype(np.int64).T
+    np.testing.assert_array_equal(y, expected.T.astype(np.float32))
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
+def test_matches_reference_arithmetic(ctx: QuantContext, qtype: QuantType, rows: int) -> None:
+    rng = np.random.default_rng(100 * int(qtype) + rows)
+    fmt = FORMATS[qtype]
+    out, n = 48 + 8, 2 * fmt.tile_inputs + (fmt.tile_inputs if not fmt.k_type else 0)
+    u = random_unpacked(qtype, out, n, rng)
+    weight = packed_weight(u)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    q, d = quantize_activations(x)
+    cq, cd, cs = ctx.quantize_activations(torch.from_numpy(x))
+    np.testing.assert_array_equal(cq.numpy(), q)
+    np.testing.assert_array_equal(cd.numpy(), d)
+    np.testing.assert_array_equal(cs.numpy(), q.astype(np.int64).reshape(rows, -1, 16).sum(2))
+    expected, magnitude = reference_gemm(u, q, d)
+    y = ctx.gemm(weight, cq, cd, cs).numpy().astype(np.float64)
+    blocks = n // 32
+    bound = (blocks + 4) * 2.0**-23 * magnitude + 1e-30
+    assert (np.abs(y - expected) <= bound).all(), np.abs(y - expected).max()
+
+
+@pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
+def test_dequantize_matches_the_canonical_values(ctx: QuantContext, qtype: QuantType) -> None:
+    rng = np.random.default_rng(7 + int(qtype))
+    fmt = FORMATS[qtype]
+    u = random_unpacked(qtype, 24, 2 * fmt.tile_inputs, rng)
+    weight = packed_weight(u)
+    np.testing.assert_array_equal(ctx.dequantize(weight).numpy(), u.dequantize())
+    rows = torch.tensor([23, 0, 5, 5])
+    np.testing.assert_array_equal(ctx.dequantize(weight, rows).numpy(), u.dequantize()[[23, 0, 5, 5]])
+
+
+def test_bias_is_added(ctx: QuantContext) -> None:
+    rng = np.random.default_rng(3)
+    u = random_unpacked(QuantType.Q8_0, 20, 64, rng)
+    bias = torch.from_numpy(rng.standard_normal(20).astype(np.float32))
+    weight = packed_weight(u)
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    torch.testing.assert_close(
+        ctx.linear(weight.with_bias(bias), x), ctx.linear(weight, x) + bias, rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_result(threads: int) -> None:
+    rng = np.random.default_rng(11)
+    u = random_unpacked(QuantType.Q4_K, 16 * 37, 512, rng)
+    weight = packed_weight(u)
+    x = torch.from_numpy(rng.standard_normal((9, 512)).astype(np.float32))
+    one = QuantContext.create(threads=1)
+    many = QuantContext.create(threads=threads)
+    for _ in range(20):  # many runs through the pool's generations
+        torch.testing.assert_close(many.linear(weight, x), one.linear(weight, x), rtol=0, atol=0)
+    many.close()
