@@ -17,25 +17,42 @@ def random_unpacked(
     blocks = n // QBLOCK
     if fmt.k_type:
         supers = n // 256
-        d = np.ones((out, supers), np.float32) if unit_scales else (
-            rng.uniform(0.001, 0.02, (out, supers)).astype(np.float16).astype(np.float32)
+        d = (
+            np.ones((out, supers), np.float32)
+            if unit_scales
+            else (rng.uniform(0.001, 0.02, (out, supers)).astype(np.float16).astype(np.float32))
         )
         if qtype == QuantType.Q6_K:
-            sc = np.ones((out, n // 16), np.int8) if unit_scales else rng.integers(
-                -128, 128, (out, n // 16)).astype(np.int8)
+            sc = (
+                np.ones((out, n // 16), np.int8)
+                if unit_scales
+                else rng.integers(-128, 128, (out, n // 16)).astype(np.int8)
+            )
             return Unpacked(qtype, q, sc, None, d)
-        sc = np.ones((out, blocks), np.uint8) if unit_scales else rng.integers(
-            0, 64, (out, blocks)).astype(np.uint8)
-        mn = np.zeros((out, blocks), np.uint8) if unit_scales else rng.integers(
-            0, 64, (out, blocks)).astype(np.uint8)
+        sc = (
+            np.ones((out, blocks), np.uint8)
+            if unit_scales
+            else rng.integers(0, 64, (out, blocks)).astype(np.uint8)
+        )
+        mn = (
+            np.zeros((out, blocks), np.uint8)
+            if unit_scales
+            else rng.integers(0, 64, (out, blocks)).astype(np.uint8)
+        )
         dmin = rng.uniform(0.001, 0.02, (out, supers)).astype(np.float16).astype(np.float32)
         return Unpacked(qtype, q, sc, mn, d, dmin)
-    scale = np.ones((out, blocks), np.float16) if unit_scales else rng.uniform(
-        0.001, 0.05, (out, blocks)).astype(np.float16)
+    scale = (
+        np.ones((out, blocks), np.float16)
+        if unit_scales
+        else rng.uniform(0.001, 0.05, (out, blocks)).astype(np.float16)
+    )
     mn = None
     if fmt.has_min:
-        mn = np.zeros((out, blocks), np.float16) if unit_scales else rng.uniform(
-            -0.5, 0.5, (out, blocks)).astype(np.float16)
+        mn = (
+            np.zeros((out, blocks), np.float16)
+            if unit_scales
+            else rng.uniform(-0.5, 0.5, (out, blocks)).astype(np.float16)
+        )
     return Unpacked(qtype, q, scale, mn)
 
 

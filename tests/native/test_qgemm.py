@@ -75,7 +75,9 @@ def test_dequantize_matches_the_canonical_values(ctx: QuantContext, qtype: Quant
     weight = packed_weight(u)
     np.testing.assert_array_equal(ctx.dequantize(weight).numpy(), u.dequantize())
     rows = torch.tensor([23, 0, 5, 5])
-    np.testing.assert_array_equal(ctx.dequantize(weight, rows).numpy(), u.dequantize()[[23, 0, 5, 5]])
+    np.testing.assert_array_equal(
+        ctx.dequantize(weight, rows).numpy(), u.dequantize()[[23, 0, 5, 5]]
+    )
 
 
 def test_bias_is_added(ctx: QuantContext) -> None:

@@ -12,6 +12,10 @@ Example:
 """
 
 from streamgen.checkpoint.cache import streamgen_home
-from streamgen.checkpoint.default_model import DEFAULT_MODEL_NAME, default_model_path
+from streamgen.checkpoint.default_model import (
+    DEFAULT_MODEL_NAME,
+    default_gguf_path,
+    default_model_path,
+)
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "streamgen_home"]
+__all__ = ["DEFAULT_MODEL_NAME", "default_gguf_path", "default_model_path", "streamgen_home"]

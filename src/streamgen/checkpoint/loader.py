@@ -56,7 +56,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
 
 def load_model(
@@ -65,20 +65,127 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     load_tokenizer: bool = True,
+    quantization: str | None = "auto",
+    threads: int | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint directory (``None``: the default SmolLM2-135M-Instruct).
+    """Load a checkpoint directory or a GGUF file (``None``: the default SmolLM2-135M-Instruct,
+    from its GGUF on the quantized path, or its dense checkpoint with ``quantization=None``).
+
+    ``quantization``: ``"auto"`` keeps a GGUF file's own types and a directory's dense
+    weights; ``"gguf"`` asks for a GGUF file; ``None`` serves dense weights in ``dtype``
+    (a GGUF is dequantized exactly); ``"q8_0"``, ``"q4_0"``, ... quantize a dense
+    checkpoint at load. Quantized models compute in float32 on the CPU, with
+    ``threads`` kernel threads (default: every CPU this process may use).
 
     >>> loaded = load_model(dtype="bfloat16")  # doctest: +SKIP
     >>> loaded.spec.num_layers
     30
+    >>> quantized = load_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
     """
+    from streamgen.checkpoint.gguf_model import is_gguf_file
+    from streamgen.checkpoint.quantized_model import check_quantization
+
+    check_quantization(quantization)
     torch_dtype = resolve_dtype(dtype)
+    torch_device = torch.device(device)
+    if path is None and quantization in ("auto", "gguf"):
+        from streamgen.checkpoint import default_gguf_path
+
+        path = default_gguf_path()
+    if path is not None and is_gguf_file(path):
+        return _load_gguf(Path(path).expanduser(), quantization, torch_dtype, torch_device,
+                          load_tokenizer, threads)
+    if quantization == "gguf":
+        raise ConfigError(f"quantization='gguf' needs a .gguf file, got {path!r}")
     checkpoint_dir = _resolve_path(path)
     hf_config = _load_hf_config(checkpoint_dir)
     spec = ModelSpec.from_hf_config(hf_config)
-    model = _build_model(spec, checkpoint_dir, torch_dtype, torch.device(device))
+    if quantization in (None, "auto"):
+        model = _build_model(spec, checkpoint_dir, torch_dtype, torch_device)
+    else:
+        model = _quantize_at_load(spec, checkpoint_dir, quantization, torch_device, threads)
+        torch_dtype = torch.float32
     tokenizer = _load_tokenizer(checkpoint_dir) if load_tokenizer else None
     return LoadedModel(checkpoint_dir, spec, model, tokenizer, torch_dtype)
+
+
+def _quantized_context(device: torch.device, threads: int | None) -> Any:
+    from streamgen.native.build import NativeUnavailableError
+    from streamgen.native.qkernels import QuantContext
+
+    if device.type != "cpu":
+        raise ConfigError(f"quantized weights run on the CPU, not {device}")
+    try:
+        return QuantContext.create(threads=threads)
+    except NativeUnavailableError as exc:
+        raise ConfigError(f"quantized weights need the native CPU kernels: {exc}") from exc
+
+
+def _load_gguf(
+    path: Path,
+    quantization: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_tokenizer: bool,
+    threads: int | None,
+) -> LoadedModel:
+    from streamgen.checkpoint.gguf_model import Weight, read_gguf
+    from streamgen.checkpoint.quantized_model import build_quantized_model
+
+    if quantization not in ("auto", "gguf", None):
+        raise ConfigError(
+            f"quantization={quantization!r} re-quantizes a dense checkpoint; a GGUF file "
+            "is served in its own types ('gguf') or dense (None)"
+        )
+    ckpt = read_gguf(path)
+    spec = ModelSpec.from_hf_config(_load_hf_config(ckpt.metadata_dir))
+    ctx = _quantized_context(torch.device("cpu"), threads)
+    if quantization is None:  # dense: the same values, dequantized exactly
+        weights: dict[str, Weight] = {
+            name: (torch.cat([ctx.dequantize(p) for p in w]) if isinstance(w, tuple) else w)
+            for name, w in ckpt.weights.items()
+        }
+        ckpt = type(ckpt)(ckpt.path, ckpt.metadata_dir, weights, ckpt.biases)
+    kernels = native_kernels() if device.type == "cpu" else None
+    model = build_quantized_model(spec, ckpt.weights, ckpt.biases, ctx, kernels)
+    if quantization is None:
+        model = model.to(device=device, dtype=dtype)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.set_weight(module.weight.data, None, upcast_min_rows(dtype, device))
+                module.enable_native(kernels)
+    else:
+        dtype = torch.float32
+    _finish(model, spec, kernels, device)
+    tokenizer = _load_tokenizer(ckpt.metadata_dir) if load_tokenizer else None
+    return LoadedModel(path, spec, model, tokenizer, dtype)
+
+
+def _quantize_at_load(
+    spec: ModelSpec, checkpoint_dir: Path, scheme: str, device: torch.device, threads: int | None
+) -> LlamaModel:
+    from streamgen.checkpoint.quantized_model import build_quantized_model, quantize_state
+
+    ctx = _quantized_context(device, threads)
+    with CheckpointTensors.open(checkpoint_dir) as tensors:
+        state = _fused_state_dict(spec, tensors, torch.float32, torch.device("cpu"))
+    biases = {
+        key[: -len(".bias")]: value for key, value in state.items() if key.endswith(".bias")
+    }
+    weights = quantize_state(state, spec, scheme)
+    kernels = native_kernels()
+    model = build_quantized_model(spec, weights, biases, ctx, kernels)
+    _finish(model, spec, kernels, device)
+    return model
+
+
+def _finish(
+    model: LlamaModel, spec: ModelSpec, kernels: Any, device: torch.device
+) -> None:
+    model.native_decoder = NativeDecoder.for_model(model, kernels)
+    model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
+    model.eval()
+    model.requires_grad_(False)
 
 
 def _resolve_path(path: str | Path | None) -> Path:
@@ -132,10 +239,7 @@ def _build_model(
             )
             module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
             module.enable_native(kernels)
-    model.native_decoder = NativeDecoder.for_model(model, kernels)
-    model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
-    model.eval()
-    model.requires_grad_(False)
+    _finish(model, spec, kernels, device)
     return model
 
 

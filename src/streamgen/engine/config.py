@@ -23,7 +23,14 @@ class EngineConfig:
     """
 
     dtype: str = "float32"
-    threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
+    # torch intra-op threads and the native kernels' worker pool (None: torch's setting,
+    # and every CPU this process may run on for the quantized kernels)
+    threads: int | None = None
+    # "auto": a GGUF file (and the default model) in its own quantized types, a dense
+    # checkpoint dense; None: dense weights in `dtype` (exact against HF transformers);
+    # "gguf": a GGUF's own types; "q8_0" / "q4_0" / "q4_1" / "q5_0" / "q5_1": quantize a
+    # dense checkpoint at load (llama.cpp's rounding). Quantized weights compute in fp32.
+    quantization: str | None = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
     kv_cache_bytes: int = 512 << 20
@@ -58,6 +65,12 @@ class EngineConfig:
                           ("max_model_len", self.max_model_len)):
             if opt is not None and (not isinstance(opt, int) or opt < 1):
                 raise ConfigError(f"{name} must be None or a positive int, got {opt!r}")
+        from streamgen.checkpoint.quantized_model import QUANTIZATIONS
+
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.num_host_blocks < 0:
             raise ConfigError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.preemption_mode not in ("recompute", "swap"):

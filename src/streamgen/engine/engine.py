@@ -124,7 +124,10 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         if isinstance(self._model_arg, LoadedModel):
             return self._model_arg
-        return load_model(self._model_arg, dtype=self.config.dtype)
+        return load_model(
+            self._model_arg, dtype=self.config.dtype, quantization=self.config.quantization,
+            threads=self.config.threads,
+        )
 
     async def aclose(self) -> None:
         """Stop the core; open streams end with ``finish_reason == "abort"``."""

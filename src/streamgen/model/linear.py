@@ -28,12 +28,16 @@ layers compute multi-row inputs (prefill) in fp32 and round the result back;
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamgen.model.quantized import PackedLinear
 from streamgen.native.kernels import (
     MAX_NATIVE_ROWS,
+    QUANT_DTYPE_CODE,
     NativeKernels,
     NativeLinear,
     dtype_code,
@@ -75,6 +79,29 @@ class Linear(nn.Module):
         self.splits: int | None = None
         self.upcast_min_rows: int | None = None
         self.native: tuple[NativeKernels, NativeLinear] | None = None
+        self.packed: PackedLinear | None = None
+
+    def set_packed(self, packed: PackedLinear, kernels: NativeKernels | None) -> None:
+        """Serve this layer from quantized weights: the int8 kernels read the packed bytes
+        for any number of rows (at prefill sizes they also beat dequantize + fp32 GEMM), so
+        a row's result never depends on how many rows share its step."""
+        if (packed.out_features, packed.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"packed weight {packed.out_features}x{packed.in_features} for a "
+                f"{self.out_features}x{self.in_features} layer"
+            )
+        self.packed = packed
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.bias = None
+        self.splits = None
+        self.upcast_min_rows = None
+        self.native = None
+        if kernels is not None:
+            struct = NativeLinear(
+                ctypes.addressof(packed.struct), None, QUANT_DTYPE_CODE, 0,
+                self.out_features, self.in_features,
+            )
+            self.native = (kernels, struct)
 
     def set_weight(
         self, weight: torch.Tensor, splits: int | None, upcast_min_rows: int | None = None
@@ -93,6 +120,8 @@ class Linear(nn.Module):
         (``[out, in]`` float32 / bf16 weights on the CPU): one core streams the weight
         at memory speed, where torch's one-thread GEMV did not (bf16: ~8 GB/s)."""
         weight = self.weight
+        if self.packed is not None:
+            return  # set_packed chose
         if kernels is None:
             self.native = None
             return
@@ -105,6 +134,9 @@ class Linear(nn.Module):
         self.native = (kernels, native_linear(weight, self.bias)) if usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
+        packed = self.packed
+        if packed is not None:  # every row count: the same arithmetic alone or batched
+            return packed.forward(x).to(x.dtype)
         native = self.native
         if native is not None and x.shape[0] <= MAX_NATIVE_ROWS:
             kernels, struct = native

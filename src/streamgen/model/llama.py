@@ -110,7 +110,8 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # nn.Embedding, or QuantizedEmbedding (model/quantized.py) over packed rows
+        self.embed_tokens: nn.Module = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
@@ -140,11 +141,16 @@ class LlamaModel(nn.Module):
             return native.forward(input_ids, positions, kv_caches, metadata, count)
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.dtype)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
             x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
         return self.norm.forward(x)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations and the KV cache (float32 for quantized weights)."""
+        return self.norm.weight.dtype
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,5 +162,5 @@ class LlamaModel(nn.Module):
         inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.dtype
         return emb.cos().to(dtype), signed_sin(emb.sin()).to(dtype)

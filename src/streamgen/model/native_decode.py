@@ -50,14 +50,19 @@ class NativeDecoder:
         spec = model.spec
         self.model = model
         self.kernels = kernels
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = model.dtype
         code = dtype_code(self.dtype)
         assert code is not None
         self.struct = NativeModel(
             spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size,
             spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
             spec.sliding_window or 0, spec.rms_norm_eps, spec.head_dim**-0.5, code, 0,
+            _quant_context(model),
         )
+        # Quantized models run every step here, whatever its size: the int8 kernels beat
+        # torch at prefill sizes too, and one code path makes a row's result independent
+        # of the step it shares (batch invariance, see decode_kernels.c's exp_shifted).
+        self.max_rows = None if _quantized(model) else MAX_NATIVE_ROWS
         self._layer_key: tuple[int, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None
 
@@ -65,8 +70,8 @@ class NativeDecoder:
     def for_model(cls, model: LlamaModel, kernels: NativeKernels | None) -> NativeDecoder | None:
         """A decoder where the kernels exist and cover the model's device, dtype and
         weight layout (``[out, in]``)."""
-        weight = model.embed_tokens.weight
-        if kernels is None or weight.device.type != "cpu" or dtype_code(weight.dtype) is None:
+        weight = model.norm.weight
+        if kernels is None or weight.device.type != "cpu" or dtype_code(model.dtype) is None:
             return None
         if any(isinstance(m, LinearLayer) and m.splits is not None for m in model.modules()):
             return None
@@ -78,11 +83,12 @@ class NativeDecoder:
         num_tokens: int,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> bool:
-        """Whether this step is small (at most ``MAX_NATIVE_ROWS`` new tokens) and its
-        caches are contiguous, of the model's dtype."""
+        """Whether this step is small (at most ``MAX_NATIVE_ROWS`` new tokens; any size for
+        a quantized model) and its caches are contiguous, of the model's dtype."""
         k_cache = kv_caches[0][0]
         return (
-            0 < num_tokens <= MAX_NATIVE_ROWS
+            num_tokens > 0
+            and (self.max_rows is None or num_tokens <= self.max_rows)
             and (metadata.tree_mask is None or metadata.sliding_window is None)
             and k_cache.dtype == self.dtype
             and k_cache.device.type == "cpu"
@@ -99,7 +105,7 @@ class NativeDecoder:
         num_layers: int,
     ) -> torch.Tensor:  # [m, hidden] in the model's dtype, after the final norm
         model = self.model
-        x = model.embed_tokens.weight.index_select(0, input_ids).float()  # [m, hidden]
+        x = model.embed_tokens(input_ids).float()  # [m, hidden]
         inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [m, head_dim / 2]
         cos, sin = angles.cos(), angles.sin()
@@ -146,7 +152,22 @@ class NativeDecoder:
         return array
 
 
+def _quantized(model: LlamaModel) -> bool:
+    return any(isinstance(m, LinearLayer) and m.packed is not None for m in model.modules())
+
+
+def _quant_context(model: LlamaModel) -> int | None:
+    """The address of the quantized kernels' context (the model's worker pool, which also
+    runs the attention tiles), or None for dense models."""
+    for module in model.modules():
+        if isinstance(module, LinearLayer) and module.packed is not None:
+            return ctypes.addressof(module.packed.struct.ctx.contents)
+    return None
+
+
 def _linear(linear: LinearLayer) -> ctypes.Structure:
+    if linear.native is not None and linear.packed is not None:
+        return linear.native[1]  # SG_QUANT: the packed parts' struct
     if linear.splits is not None:
         raise ValueError("native kernels need [out, in] weights (the loader keeps that layout)")
     return native_linear(linear.weight, linear.bias)

@@ -111,7 +111,8 @@ def _run(command: list[str]) -> None:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailableError(f"cannot run {command[0]}: {exc}") from exc
     if result.returncode != 0:
-        raise NativeUnavailableError(f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
+        stderr = result.stderr.strip()[-2000:]
+        raise NativeUnavailableError(f"{' '.join(command)} failed:\n{stderr}")
 
 
 def load_library() -> ctypes.CDLL:

@@ -31,6 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant_layout.h"
+#include "thread_pool.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SG_AVX2 1
@@ -38,8 +41,9 @@
 #define SG_AVX2 0
 #endif
 
-enum { SG_F32 = 0, SG_BF16 = 1 };
+enum { SG_F32 = 0, SG_BF16 = 1, SG_QUANT = 2 }; /* SG_QUANT: weight is an sg_qparts */
 enum { SG_OK = 0, SG_ENOMEM = -1, SG_EINVAL = -2 };
+enum { ATTEND_ROWS = 32 }; /* rows of one sequence whose scores are held at once */
 
 typedef struct {
     const void *weight;
@@ -65,6 +69,7 @@ typedef struct {
     float eps, scale;
     int32_t dtype; /* norm weights and KV cache */
     int32_t _pad;
+    const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
 } sg_model;
 
 /* ----- scalar helpers ------------------------------------------------------------ */
@@ -308,13 +313,16 @@ static void gemm_rows(const void *w, int32_t dtype, const float *x, float *y, in
         SG_GEMM_BODY(SG_F32);
 }
 
-/* y [m, out] = x [m, in] @ W^T + b. */
-static void linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
+/* y [m, out] = x [m, in] @ W^T + b; quantized weights go to the quantized core (qgemm.c),
+ * which quantizes x once for all the parts of a fused layer. */
+static int linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
     const int64_t out = lin->out_features;
+    if (lin->dtype == SG_QUANT) return sg_qlinear_parts((const sg_qparts *)lin->weight, x, m, y, out);
     gemm_rows(lin->weight, lin->dtype, x, y, m, out, lin->in_features);
     if (lin->bias != NULL)
         for (int64_t r = 0; r < m; r++)
             for (int64_t o = 0; o < out; o++) y[r * out + o] += load_elem(lin->bias, lin->dtype, o);
+    return SG_OK;
 }
 
 /* ----- small ops ------------------------------------------------------------------ */
@@ -354,21 +362,28 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* s[k] = exp(s[k] - mx) in place; returns their sum. */
+/* s[k] = exp(s[k] - mx) in place; returns their sum.
+ * Batch invariance: a key's exp never depends on where it sits (the tail is padded with
+ * -inf, exp = 0, instead of taking a scalar expf), and the sum runs key by key in order,
+ * so keys that are invisible (exp exactly 0) or absent change nothing: a row gets the
+ * same bits as a decode, inside a prefill chunk or a draft tree. */
 static float exp_shifted(float *s, int64_t n, float mx) {
     int64_t k = 0;
-    float sum = 0.0f;
 #if SG_AVX2
     const __m256 m8 = _mm256_set1_ps(mx);
-    __m256 acc = _mm256_setzero_ps();
-    for (; k + 8 <= n; k += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8));
-        _mm256_storeu_ps(s + k, e);
-        acc = _mm256_add_ps(acc, e);
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(s + k, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8)));
+    if (k < n) {
+        float tail[8];
+        for (int t = 0; t < 8; t++) tail[t] = k + t < n ? s[k + t] : -INFINITY;
+        _mm256_storeu_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), m8)));
+        for (int64_t t = 0; k + t < n; t++) s[k + t] = tail[t];
     }
-    sum = hsum256(acc);
+#else
+    for (; k < n; k++) s[k] = expf(s[k] - mx);
 #endif
-    for (; k < n; k++) sum += (s[k] = expf(s[k] - mx));
+    float sum = 0.0f;
+    for (k = 0; k < n; k++) sum += s[k];
     return sum;
 }
 
@@ -403,14 +418,20 @@ static inline const float *cache_block(const void *cache, int32_t dt, int64_t of
 }
 
 /* s[k] = scale * dot(q, key k) for the count keys of one block (key k at kb[k * stride]),
- * four keys at a time with one combined horizontal sum. */
+ * four keys at a time with one combined horizontal sum. A block's last keys run the same
+ * four-key code (the missing ones repeat its last key), so a key's score does not depend
+ * on how full its block is: see exp_shifted on batch invariance. */
 static inline void block_dots(const float *q, const float *kb, int64_t stride, int64_t count,
                               int64_t D, float scale, float *s) {
     int64_t k = 0;
 #if SG_AVX2
     if (D % 8 == 0) {
-        for (; k + 4 <= count; k += 4) {
-            const float *k0 = kb + k * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        for (; k < count; k += 4) {
+            const int64_t last = count - 1;
+            const float *k0 = kb + k * stride;
+            const float *k1 = kb + (k + 1 < last ? k + 1 : last) * stride;
+            const float *k2 = kb + (k + 2 < last ? k + 2 : last) * stride;
+            const float *k3 = kb + (k + 3 < last ? k + 3 : last) * stride;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t d = 0; d < D; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(q + d);
@@ -422,8 +443,11 @@ static inline void block_dots(const float *q, const float *kb, int64_t stride, i
             /* [a0 a1 a2 a3] partial sums per 128-bit lane, then the two lanes added */
             const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
             const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-            _mm_storeu_ps(s + k, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+            float four[4];
+            _mm_storeu_ps(four, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+            for (int64_t j = 0; j < 4 && k + j < count; j++) s[k + j] = four[j];
         }
+        return;
     }
 #endif
     for (; k < count; k++) s[k] = dot_f32(q, kb + k * stride, D) * scale;
@@ -457,67 +481,124 @@ static inline void accumulate_values(const float *p, const float *v, int64_t str
             if (p[k] != 0.0f) axpy_f32(p[k], v + k * stride + d, o + d, D - d);
 }
 
-/* Attend the m rows of a step. q [m, q_stride] holds each row's rotated query heads first;
- * out [m, out_stride] gets each row's num_heads * head_dim outputs. scores: >= num_heads *
- * max over sequences of q_len * seq_len floats; kbuf: >= block_size * num_kv_heads *
- * head_dim floats (one block, widened from bf16).
- * Keys are walked block by block, each cached row (every KV head) read once for all the
- * rows and query heads of its sequence: a block is one contiguous run of memory. */
-static void attend(const sg_model *md, const void *k_cache, const void *v_cache,
-                   const sg_step *st, const float *q, int64_t q_stride, float *out,
-                   int64_t out_stride, float *scores, float *kbuf) {
+/* The arguments of one attention call, shared by its tiles. */
+typedef struct {
+    const sg_model *md;
+    const void *k_cache, *v_cache;
+    const sg_step *st;
+    const float *q;
+    int64_t q_stride;
+    float *out;
+    int64_t out_stride;
+} attend_args;
+
+/* Rows [i0, i0 + ATTEND_ROWS) of sequence b. scores: >= num_heads * ATTEND_ROWS * seq_len
+ * floats; kbuf: >= block_size * num_kv_heads * head_dim floats (one block, widened from
+ * bf16). Keys are walked block by block, each cached row (every KV head) read once for
+ * all the rows and query heads of the tile: a block is one contiguous run of memory.
+ * Every row is computed on its own (the tile changes no result). */
+static void attend_tile(const attend_args *a, int64_t b, int64_t i0, float *scores, float *kbuf) {
+    const sg_model *md = a->md;
+    const sg_step *st = a->st;
     const int64_t D = md->head_dim, KVH = md->num_kv_heads, group = md->num_heads / KVH;
     const int64_t bs = md->block_size, row_elems = KVH * D;
     const int32_t dt = md->dtype;
-    for (int64_t b = 0; b < st->num_seqs; b++) {
-        const int64_t first = st->query_start[b], q_len = st->query_start[b + 1] - first;
-        const int64_t n = st->seq_lens[b], prefix = n - q_len;
-        const int64_t *table = st->block_tables + b * st->bt_stride;
-        /* scores[(i * num_heads + h) * n + key]: row i, query head h */
-        for (int64_t blk = 0, key = 0; key < n; blk++) {
-            const int64_t count = key + bs < n ? bs : n - key;
-            const float *kb = cache_block(k_cache, dt, table[blk] * bs * row_elems,
-                                          count * row_elems, kbuf);
-            for (int64_t i = 0; i < q_len; i++) {
-                float *sc = scores + i * md->num_heads * n + key;
-                const float *qi = q + (first + i) * q_stride;
-                for (int64_t h = 0; h < md->num_heads; h++)
-                    block_dots(qi + h * D, kb + (h / group) * D, row_elems, count, D, md->scale,
-                               sc + h * n);
-                for (int64_t k = 0; k < count; k++)
-                    if (!visible(md, st, first + i, i, prefix, key + k))
-                        for (int64_t h = 0; h < md->num_heads; h++) sc[h * n + k] = -INFINITY;
-            }
-            key += count;
+    const int64_t seq_first = st->query_start[b], seq_q_len = st->query_start[b + 1] - seq_first;
+    const int64_t n = st->seq_lens[b], prefix = n - seq_q_len;
+    const int64_t *table = st->block_tables + b * st->bt_stride;
+    const int64_t first = seq_first + i0;
+    const int64_t q_len = seq_q_len - i0 < ATTEND_ROWS ? seq_q_len - i0 : ATTEND_ROWS;
+    /* scores[(i * num_heads + h) * n + key]: row i, query head h */
+    for (int64_t blk = 0, key = 0; key < n; blk++) {
+        const int64_t count = key + bs < n ? bs : n - key;
+        const float *kb = cache_block(a->k_cache, dt, table[blk] * bs * row_elems,
+                                      count * row_elems, kbuf);
+        for (int64_t i = 0; i < q_len; i++) {
+            float *sc = scores + i * md->num_heads * n + key;
+            const float *qi = a->q + (first + i) * a->q_stride;
+            for (int64_t h = 0; h < md->num_heads; h++)
+                block_dots(qi + h * D, kb + (h / group) * D, row_elems, count, D, md->scale,
+                           sc + h * n);
+            for (int64_t k = 0; k < count; k++)
+                if (!visible(md, st, first + i, i0 + i, prefix, key + k))
+                    for (int64_t h = 0; h < md->num_heads; h++) sc[h * n + k] = -INFINITY;
         }
-        for (int64_t r = 0; r < q_len * md->num_heads; r++) {
-            float *sc = scores + r * n, mx = -INFINITY;
-            for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
-            const float inv = 1.0f / exp_shifted(sc, n, mx);
-            for (int64_t key = 0; key < n; key++) sc[key] *= inv;
-        }
-        for (int64_t i = 0; i < q_len; i++)
-            memset(out + (first + i) * out_stride, 0, (size_t)(md->num_heads * D) * sizeof(float));
-        for (int64_t blk = 0, key = 0; key < n; blk++) {
-            const int64_t count = key + bs < n ? bs : n - key;
-            const int64_t off = table[blk] * bs * row_elems;
-            const float *vb = cache_block(v_cache, dt, off, count * row_elems, kbuf);
-            for (int64_t i = 0; i < q_len; i++) {
-                const float *sc = scores + i * md->num_heads * n + key;
-                float *o = out + (first + i) * out_stride;
-                for (int64_t h = 0; h < md->num_heads; h++)
-                    accumulate_values(sc + h * n, vb + (h / group) * D, row_elems, count,
-                                      o + h * D, D);
-            }
-            key += count;
-        }
+        key += count;
     }
+    for (int64_t r = 0; r < q_len * md->num_heads; r++) {
+        float *sc = scores + r * n, mx = -INFINITY;
+        for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
+        const float inv = 1.0f / exp_shifted(sc, n, mx);
+        for (int64_t key = 0; key < n; key++) sc[key] *= inv;
+    }
+    for (int64_t i = 0; i < q_len; i++)
+        memset(a->out + (first + i) * a->out_stride, 0, (size_t)(md->num_heads * D) * sizeof(float));
+    for (int64_t blk = 0, key = 0; key < n; blk++) {
+        const int64_t count = key + bs < n ? bs : n - key;
+        const int64_t off = table[blk] * bs * row_elems;
+        const float *vb = cache_block(a->v_cache, dt, off, count * row_elems, kbuf);
+        for (int64_t i = 0; i < q_len; i++) {
+            const float *sc = scores + i * md->num_heads * n + key;
+            float *o = a->out + (first + i) * a->out_stride;
+            for (int64_t h = 0; h < md->num_heads; h++)
+                accumulate_values(sc + h * n, vb + (h / group) * D, row_elems, count, o + h * D, D);
+        }
+        key += count;
+    }
+}
+
+typedef struct {
+    const attend_args *args;
+    const int64_t *tiles; /* [num_tiles, 2]: sequence, first row */
+    _Atomic int failed;
+} attend_job;
+
+static void attend_task(void *ctx, int64_t t) {
+    attend_job *job = (attend_job *)ctx;
+    const sg_model *md = job->args->md;
+    const int64_t b = job->tiles[2 * t], n = job->args->st->seq_lens[b];
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(md->num_heads * ATTEND_ROWS * n) + 1);
+    float *kbuf = (float *)malloc(sizeof(float) * (size_t)(md->block_size * md->kv_size) + 1);
+    if (scores && kbuf) attend_tile(job->args, b, job->tiles[2 * t + 1], scores, kbuf);
+    else job->failed = 1;
+    free(scores);
+    free(kbuf);
+}
+
+/* Attend the m rows of a step. q [m, q_stride] holds each row's rotated query heads first;
+ * out [m, out_stride] gets each row's num_heads * head_dim outputs. scores and kbuf: as
+ * attend_tile's. With a worker pool (a quantized model's), the tiles of every sequence
+ * run in parallel, each with scratch of its own. */
+static int attend(const sg_model *md, const void *k_cache, const void *v_cache,
+                  const sg_step *st, const float *q, int64_t q_stride, float *out,
+                  int64_t out_stride, float *scores, float *kbuf) {
+    const attend_args args = {md, k_cache, v_cache, st, q, q_stride, out, out_stride};
+    int64_t num_tiles = 0;
+    for (int64_t b = 0; b < st->num_seqs; b++)
+        num_tiles += (st->query_start[b + 1] - st->query_start[b] + ATTEND_ROWS - 1) / ATTEND_ROWS;
+    sg_pool *pool = md->qctx ? md->qctx->pool : NULL;
+    if (!pool || sg_pool_threads(pool) < 2 || num_tiles < 2 || num_tiles > SG_POOL_MAX_TASKS) {
+        for (int64_t b = 0; b < st->num_seqs; b++)
+            for (int64_t i0 = 0; i0 < st->query_start[b + 1] - st->query_start[b]; i0 += ATTEND_ROWS)
+                attend_tile(&args, b, i0, scores, kbuf);
+        return SG_OK;
+    }
+    int64_t *tiles = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * num_tiles));
+    if (!tiles) return SG_ENOMEM;
+    int64_t t = 0;
+    for (int64_t b = 0; b < st->num_seqs; b++)
+        for (int64_t i0 = 0; i0 < st->query_start[b + 1] - st->query_start[b]; i0 += ATTEND_ROWS)
+            tiles[2 * t] = b, tiles[2 * t + 1] = i0, t++;
+    attend_job job = {&args, tiles, 0};
+    sg_pool_run(pool, attend_task, &job, num_tiles);
+    free(tiles);
+    return job.failed ? SG_ENOMEM : SG_OK;
 }
 
 /* Rotate q and k, write k and v into the cache slots, attend. qkv [m, q_size + 2 kv_size]
  * is rotated in place; out [m, q_size]. */
-static void attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
-                      int64_t m, float *out, float *scores, float *kbuf) {
+static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
+                     int64_t m, float *out, float *scores, float *kbuf) {
     const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
     const int64_t row = md->q_size + 2 * md->kv_size;
     for (int64_t r = 0; r < m; r++) {
@@ -531,10 +612,10 @@ static void attention(const sg_model *md, const sg_layer *ly, const sg_step *st,
             store_elem(ly->v_cache, md->dtype, base + i, v[i]);
         }
     }
-    attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size, scores, kbuf);
+    return attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size, scores, kbuf);
 }
 
-/* Checks a step's layout; *max_cells = the largest q_len * seq_len over its sequences. */
+/* Checks a step's layout; *max_cells = the largest min(q_len, ATTEND_ROWS) * seq_len. */
 static int check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int64_t *query_start,
                       const int64_t *seq_lens, const uint8_t *tree_mask, int64_t tree_stride,
                       int64_t *max_cells) {
@@ -545,7 +626,8 @@ static int check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int
         const int64_t q_len = query_start[b + 1] - query_start[b];
         if (q_len < 1 || seq_lens[b] < q_len || (tree_mask != NULL && q_len > tree_stride))
             return SG_EINVAL;
-        *max_cells = q_len * seq_lens[b] > *max_cells ? q_len * seq_lens[b] : *max_cells;
+        const int64_t rows = q_len < ATTEND_ROWS ? q_len : ATTEND_ROWS;
+        *max_cells = rows * seq_lens[b] > *max_cells ? rows * seq_lens[b] : *max_cells;
     }
     return SG_OK;
 }
@@ -555,8 +637,7 @@ static int check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int
 /* y [m, out] float32 = x [m, in] float32 @ W^T (+ b), W [out, in]. */
 int sg_linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
     if (lin->splits != 0) return SG_EINVAL;
-    linear_forward(lin, x, y, m);
-    return SG_OK;
+    return linear_forward(lin, x, y, m);
 }
 
 /* out [m, n] = rms_norm(x) * w (tests; the step fuses it). */
@@ -609,16 +690,21 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     float *kbuf = scores + md->num_heads * max_cells;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
+        int lrc = SG_OK;
         rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
-        linear_forward(&ly->qkv, normed, qkv, m);
-        attention(md, ly, &st, qkv, m, attn, scores, kbuf);
-        linear_forward(&ly->o, attn, proj, m);
+        lrc |= linear_forward(&ly->qkv, normed, qkv, m);
+        lrc |= attention(md, ly, &st, qkv, m, attn, scores, kbuf);
+        lrc |= linear_forward(&ly->o, attn, proj, m);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
         rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
-        linear_forward(&ly->gate_up, normed, gu, m);
+        lrc |= linear_forward(&ly->gate_up, normed, gu, m);
         for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
-        linear_forward(&ly->down, act, proj, m);
+        lrc |= linear_forward(&ly->down, act, proj, m);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
+        if (lrc != SG_OK) {
+            free(arena);
+            return SG_EINVAL;
+        }
     }
     rms_norm(x, final_norm, md->dtype, out, m, Hd, md->eps);
     free(arena);
@@ -646,9 +732,10 @@ int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_ca
         (size_t)(heads * max_cells + md->block_size * md->num_kv_heads * md->head_dim) *
         sizeof(float));
     if (scores == NULL) return SG_ENOMEM;
-    attend(md, k_cache, v_cache, &st, q, width, out, width, scores, scores + heads * max_cells);
+    const int arc = attend(md, k_cache, v_cache, &st, q, width, out, width, scores,
+                           scores + heads * max_cells);
     free(scores);
-    return SG_OK;
+    return arc;
 }
 
 /* 1 when built with the AVX2 + FMA kernels, 0 for the scalar build. */

@@ -17,6 +17,7 @@ from streamgen.native.build import NativeUnavailableError, load_library
 logger = logging.getLogger(__name__)
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+QUANT_DTYPE_CODE = 2  # SG_QUANT: the linear's weight is an sg_qparts (model/quantized.py)
 
 # Rows per step up to which the native kernels beat torch's matmuls (see native_decode.py).
 MAX_NATIVE_ROWS = 32
@@ -62,6 +63,7 @@ class NativeModel(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("dtype", ctypes.c_int32),
         ("_pad", ctypes.c_int32),
+        ("qctx", ctypes.c_void_p),  # a quantized model's sg_qctx (its worker pool), or None
     ]
 
 

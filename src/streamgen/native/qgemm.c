@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "qgemm_kernels.h"
 #include "quant_access.h"
@@ -14,11 +15,6 @@
 
 enum { SG_QOK = 0, SG_QENOMEM = -1, SG_QEINVAL = -2 };
 
-typedef struct {
-    sg_pool *pool; /* NULL: the caller's thread alone */
-    int32_t isa;   /* enum sg_isa */
-    int32_t _pad;
-} sg_qctx;
 
 /* One row of the table per ISA: its kernels and the CPU flags it needs. */
 static const struct {
@@ -85,18 +81,17 @@ typedef struct {
     const sg_qweight *w;
     const sg_qact *a;
     float *y;
-    int64_t groups, tasks;
+    int64_t ldy, groups, tasks;
 } gemm_job;
 
 static void gemm_task(void *ctx, int64_t task) {
     const gemm_job *job = (const gemm_job *)ctx;
     const int64_t g0 = task * job->groups / job->tasks, g1 = (task + 1) * job->groups / job->tasks;
-    job->kernel(job->w, job->a, job->y, g0, g1);
+    job->kernel(job->w, job->a, job->y, job->ldy, g0, g1);
     const float *bias = job->w->bias;
     if (!bias) return;
-    const int64_t out = job->w->out_features;
     for (int64_t r = 0; r < job->a->m; r++)
-        for (int64_t c = g0 * SG_GROUP_ROWS; c < g1 * SG_GROUP_ROWS; c++) job->y[r * out + c] += bias[c];
+        for (int64_t c = g0 * SG_GROUP_ROWS; c < g1 * SG_GROUP_ROWS; c++) job->y[r * job->ldy + c] += bias[c];
 }
 
 static int check_weight(const sg_qweight *w) {
@@ -106,10 +101,11 @@ static int check_weight(const sg_qweight *w) {
            w->in_features % (SG_QBLOCK * f->blocks_per_tile) == 0;
 }
 
-/* y [m, out] = a [m, in] @ W^T + bias. */
-int sg_qgemm(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y) {
+/* y [m, out] (row stride ldy >= out) = a [m, in] @ W^T + bias. */
+static int qgemm_strided(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y,
+                         int64_t ldy) {
     if (!ctx || ctx->isa < 0 || ctx->isa >= SG_ISAS || !check_weight(w) || !a || !y ||
-        a->in != w->in_features || a->m < 0)
+        a->in != w->in_features || a->m < 0 || ldy < w->out_features)
         return SG_QEINVAL;
     if (a->m == 0) return SG_QOK;
     const int64_t groups = w->out_features / SG_GROUP_ROWS;
@@ -117,9 +113,13 @@ int sg_qgemm(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y
     int64_t tasks = (int64_t)sg_pool_threads(ctx->pool) * 4;
     if (tasks > groups) tasks = groups;
     if (tasks > SG_POOL_MAX_TASKS) tasks = SG_POOL_MAX_TASKS;
-    gemm_job job = {ISAS[ctx->isa].kernels[w->type], w, a, y, groups, tasks};
+    gemm_job job = {ISAS[ctx->isa].kernels[w->type], w, a, y, ldy, groups, tasks};
     sg_pool_run(ctx->pool, gemm_task, &job, tasks);
     return SG_QOK;
+}
+
+int sg_qgemm(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y) {
+    return w ? qgemm_strided(ctx, w, a, y, w->out_features) : SG_QEINVAL;
 }
 
 int sg_qact_alloc(sg_qact *a, int64_t m, int64_t in) {
@@ -137,11 +137,82 @@ void sg_qact_free(sg_qact *a) {
 
 /* y [m, out] f32 = x [m, in] f32 @ W^T + bias, quantizing x on the way. */
 int sg_qlinear(const sg_qctx *ctx, const sg_qweight *w, const float *x, int64_t m, float *y) {
-    if (!check_weight(w) || !x || !y || m < 0) return SG_QEINVAL;
+    if (!check_weight(w)) return SG_QEINVAL;
+    const sg_qparts parts = {w, 1, ctx, w->out_features, 0, 0};
+    return sg_qlinear_parts(&parts, x, m, y, w->out_features);
+}
+
+/* The residual mode of sg_qparts: rows 2r and 2r + 1 of the activations are x_r's first
+ * rounding and its residual's; y_r = (y_2r + y_2r+1) + bias. */
+static int qlinear_parts_residual(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
+    const int64_t in = p->parts[0].in_features;
     sg_qact a;
-    int rc = sg_qact_alloc(&a, m, w->in_features);
-    if (rc == SG_QOK) rc = sg_quantize_act(x, m, w->in_features, &a);
-    if (rc == SG_QOK) rc = sg_qgemm(ctx, w, &a, y);
+    float *resid = (float *)malloc(sizeof(float) * (size_t)(2 * m * in) + 1);
+    int rc = sg_qact_alloc(&a, 2 * m, in);
+    if (rc == SG_QOK && !resid) rc = SG_QENOMEM;
+    if (rc == SG_QOK) {
+        const int64_t blocks = in / SG_QBLOCK;
+        for (int64_t r = 0; r < m; r++) {
+            memcpy(resid + 2 * r * in, x + r * in, sizeof(float) * (size_t)in);
+            sg_qact first = {a.q + 2 * r * in, a.d + 2 * r * blocks, a.s16 + 2 * r * (in / 16), 1, in};
+            sg_quantize_act(x + r * in, 1, in, &first);
+            for (int64_t k = 0; k < in; k++)
+                resid[(2 * r + 1) * in + k] = x[r * in + k] - first.d[k / SG_QBLOCK] * (float)first.q[k];
+        }
+        rc = sg_quantize_act(resid, 2 * m, in, &a);
+    }
+    int64_t col = 0;
+    for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
+        sg_qweight w = p->parts[i];
+        const float *bias = w.bias;
+        w.bias = NULL;
+        const int64_t width = i + 1 < p->count ? w.out_features : p->out_features - col;
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)(2 * m * w.out_features) + 1);
+        rc = tmp ? qgemm_strided(p->ctx, &w, &a, tmp, w.out_features) : SG_QENOMEM;
+        for (int64_t r = 0; rc == SG_QOK && r < m; r++)
+            for (int64_t c = 0; c < width; c++)
+                y[r * ldy + col + c] = tmp[2 * r * w.out_features + c] + tmp[(2 * r + 1) * w.out_features + c] +
+                                       (bias ? bias[c] : 0.0f);
+        free(tmp);
+        col += width;
+    }
+    free(resid);
+    sg_qact_free(&a);
+    return rc;
+}
+
+/* y [m, sum of the parts' out] (row stride ldy) = x @ [W_0; W_1; ...]^T: x quantized once
+ * for every part (q/k/v, gate/up). A part with padded rows goes through a scratch. */
+int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
+    if (!p || !p->parts || p->count < 1 || !x || !y || m < 0) return SG_QEINVAL;
+    const int64_t in = p->parts[0].in_features;
+    int64_t before_last = 0;
+    for (int64_t i = 0; i < p->count; i++) {
+        if (!check_weight(&p->parts[i]) || p->parts[i].in_features != in) return SG_QEINVAL;
+        if (i + 1 < p->count) before_last += p->parts[i].out_features;
+    }
+    const int64_t last = p->parts[p->count - 1].out_features;
+    if (p->out_features <= before_last || p->out_features > before_last + last || ldy < p->out_features)
+        return SG_QEINVAL;
+    if (p->residual) return qlinear_parts_residual(p, x, m, y, ldy);
+    sg_qact a;
+    int rc = sg_qact_alloc(&a, m, in);
+    if (rc == SG_QOK) rc = sg_quantize_act(x, m, in, &a);
+    int64_t col = 0;
+    for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
+        const sg_qweight *w = &p->parts[i];
+        const int64_t width = i + 1 < p->count ? w->out_features : p->out_features - col;
+        if (width == w->out_features) {
+            rc = qgemm_strided(p->ctx, w, &a, y + col, ldy);
+        } else { /* the last part's padded rows do not fit in y */
+            float *tmp = (float *)malloc(sizeof(float) * (size_t)(m * w->out_features) + 1);
+            rc = tmp ? qgemm_strided(p->ctx, w, &a, tmp, w->out_features) : SG_QENOMEM;
+            for (int64_t r = 0; rc == SG_QOK && r < m; r++)
+                memcpy(y + r * ldy + col, tmp + r * w->out_features, sizeof(float) * (size_t)width);
+            free(tmp);
+        }
+        col += width;
+    }
     sg_qact_free(&a);
     return rc;
 }

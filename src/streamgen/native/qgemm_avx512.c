@@ -1,7 +1,8 @@
 /*
  * AVX-512 VNNI quantized matmul: one 512-bit register is one quad image of a row group
  * (16 rows x 4 inputs), so one vpdpbusd against 4 broadcast activations advances 16
- * output rows; each unpacked weight block serves SG_ROW_TILE activation rows.
+ * output rows; each unpacked weight block serves ROW_TILE activation rows (8: 8 float
+ * accumulators beside the 8 unpacked quad registers fit the 32 zmm registers).
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #include <immintrin.h>
@@ -10,6 +11,7 @@
 #include "qgemm_kernels.h"
 
 #define INLINE static inline __attribute__((always_inline))
+enum { ROW_TILE = 8 };
 
 /* wq[j] = the 16 x 4 unsigned quants of quad j of block b. */
 INLINE void unpack_block(const sg_qformat *f, const uint8_t *tile, int b, __m512i wq[8]) {
@@ -67,7 +69,7 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
                        const int NR, float *y, int64_t out, int64_t col0) {
     const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
     const int64_t tile_bytes = sg_tile_bytes(f);
-    __m512 acc[SG_ROW_TILE];
+    __m512 acc[ROW_TILE];
     for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
         const uint8_t *tile = group + (blk / tb) * tile_bytes;
@@ -112,27 +114,31 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
     for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
 }
 
-INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,
-                 int64_t g1) {
+INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
+                 int64_t g0, int64_t g1) {
     const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *group = w->data + g * group_bytes;
         int64_t row = 0;
-        for (; row + SG_ROW_TILE <= a->m; row += SG_ROW_TILE)
-            group_rows(f, group, a, row, SG_ROW_TILE, y, w->out_features, g * SG_GROUP_ROWS);
+        for (; row + ROW_TILE <= a->m; row += ROW_TILE)
+            group_rows(f, group, a, row, ROW_TILE, y, ldy, g * SG_GROUP_ROWS);
+        if (a->m - row >= 4) {
+            group_rows(f, group, a, row, 4, y, ldy, g * SG_GROUP_ROWS);
+            row += 4;
+        }
         switch (a->m - row) {
-        case 3: group_rows(f, group, a, row, 3, y, w->out_features, g * SG_GROUP_ROWS); break;
-        case 2: group_rows(f, group, a, row, 2, y, w->out_features, g * SG_GROUP_ROWS); break;
-        case 1: group_rows(f, group, a, row, 1, y, w->out_features, g * SG_GROUP_ROWS); break;
+        case 3: group_rows(f, group, a, row, 3, y, ldy, g * SG_GROUP_ROWS); break;
+        case 2: group_rows(f, group, a, row, 2, y, ldy, g * SG_GROUP_ROWS); break;
+        case 1: group_rows(f, group, a, row, 1, y, ldy, g * SG_GROUP_ROWS); break;
         default: break;
         }
     }
 }
 
 #define SG_KERNEL(T)                                                                     \
-    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,   \
-                         int64_t g1) {                                                  \
-        gemm(&SG_QFORMATS[SG_##T], w, a, y, g0, g1);                                     \
+    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy, \
+                         int64_t g0, int64_t g1) {                                                  \
+        gemm(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                     \
     }
 SG_KERNEL(Q4_0)
 SG_KERNEL(Q4_1)

@@ -18,8 +18,8 @@
 
 #include "quant_layout.h"
 
-typedef void (*sg_qgemm_fn)(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0,
-                            int64_t g1);
+typedef void (*sg_qgemm_fn)(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
+                            int64_t g0, int64_t g1);
 
 enum sg_isa { SG_ISA_SCALAR, SG_ISA_AVX2, SG_ISA_AVXVNNI, SG_ISA_AVX512VNNI, SG_ISAS };
 
@@ -29,7 +29,8 @@ extern const sg_qgemm_fn sg_qgemm_avx2[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avxvnni[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
 
-/* Activation rows per register tile: each unpacked weight block serves this many. */
+/* Activation rows per register tile of the 256-bit kernels: each unpacked weight block
+ * serves this many (the AVX-512 file sets its own). */
 enum { SG_ROW_TILE = 4 };
 
 #endif

@@ -6,7 +6,7 @@
 #include "quant_access.h"
 
 static void gemm_scalar(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y,
-                        int64_t g0, int64_t g1) {
+                        int64_t ldy, int64_t g0, int64_t g1) {
     const int64_t in = w->in_features, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
     const int64_t tiles = blocks / tb, tile_bytes = sg_tile_bytes(f);
     const int subs = SG_QBLOCK / f->sub;
@@ -33,16 +33,16 @@ static void gemm_scalar(const sg_qformat *f, const sg_qweight *w, const sg_qact 
                     }
                     if (f->min_kind != SG_MIN_NONE) acc += min_at(f, tile, b, r) * (da * (float)asum);
                 }
-                y[row * w->out_features + g * SG_GROUP_ROWS + r] = acc;
+                y[row * ldy + g * SG_GROUP_ROWS + r] = acc;
             }
         }
     }
 }
 
 #define SG_SCALAR_KERNEL(T)                                                                   \
-    static void gemm_scalar_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t g0, \
-                                int64_t g1) {                                                \
-        gemm_scalar(&SG_QFORMATS[SG_##T], w, a, y, g0, g1);                                   \
+    static void gemm_scalar_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy, \
+                                int64_t g0, int64_t g1) {                                    \
+        gemm_scalar(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                   \
     }
 SG_SCALAR_KERNEL(Q4_0)
 SG_SCALAR_KERNEL(Q4_1)

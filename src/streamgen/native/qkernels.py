@@ -11,6 +11,7 @@ per model (no global state) and freed with it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import os
@@ -109,18 +110,36 @@ class _Library:
         self.quantize_act.argtypes = [vp, i64, i64, ctypes.POINTER(QActStruct)]
         self.qgemm = lib.sg_qgemm
         self.qgemm.argtypes = [
-            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct),
-            ctypes.POINTER(QActStruct), vp,
+            ctypes.POINTER(QContextStruct),
+            ctypes.POINTER(QWeightStruct),
+            ctypes.POINTER(QActStruct),
+            vp,
         ]
         self.qlinear = lib.sg_qlinear
         self.qlinear.argtypes = [
-            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct), vp, i64, vp,
+            ctypes.POINTER(QContextStruct),
+            ctypes.POINTER(QWeightStruct),
+            vp,
+            i64,
+            vp,
         ]
         self.dequantize_rows = lib.sg_qdequantize_rows
         self.dequantize_rows.argtypes = [
-            ctypes.POINTER(QContextStruct), ctypes.POINTER(QWeightStruct), vp, i64, vp,
+            ctypes.POINTER(QContextStruct),
+            ctypes.POINTER(QWeightStruct),
+            vp,
+            i64,
+            vp,
         ]
-        for fn in (self.quantize_act, self.qgemm, self.qlinear, self.dequantize_rows):
+        self.qlinear_parts = lib.sg_qlinear_parts
+        self.qlinear_parts.argtypes = [vp, vp, i64, vp, i64]
+        for fn in (
+            self.quantize_act,
+            self.qgemm,
+            self.qlinear,
+            self.dequantize_rows,
+            self.qlinear_parts,
+        ):
             fn.restype = ctypes.c_int
 
 
@@ -197,10 +216,8 @@ class QuantContext:
         self._struct = QContextStruct(None, int(self.isa), 0)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
 
     @property
     def struct(self) -> QContextStruct:
@@ -211,14 +228,19 @@ class QuantContext:
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], weight.padded_out, dtype=torch.float32)
         ws = weight.struct()
-        _check(self._lib.qlinear(
-            ctypes.byref(self._struct), ctypes.byref(ws), x.data_ptr(), x.shape[0], y.data_ptr()
-        ), "quantized linear")
+        _check(
+            self._lib.qlinear(
+                ctypes.byref(self._struct), ctypes.byref(ws), x.data_ptr(), x.shape[0], y.data_ptr()
+            ),
+            "quantized linear",
+        )
         return y if weight.padded_out == weight.out_features else y[:, : weight.out_features]
 
     def quantize_activations(
         self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [m, in] i8, d [m, in/32], s16 [m, in/16]
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor
+    ]:  # q [m, in] i8, d [m, in/32], s16 [m, in/16]
         x = x.float().contiguous()
         m, n = x.shape
         q = torch.empty(m, n, dtype=torch.int8)
@@ -236,9 +258,12 @@ class QuantContext:
         y = torch.empty(m, weight.padded_out, dtype=torch.float32)
         act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n)
         ws = weight.struct()
-        _check(self._lib.qgemm(
-            ctypes.byref(self._struct), ctypes.byref(ws), ctypes.byref(act), y.data_ptr()
-        ), "quantized gemm")
+        _check(
+            self._lib.qgemm(
+                ctypes.byref(self._struct), ctypes.byref(ws), ctypes.byref(act), y.data_ptr()
+            ),
+            "quantized gemm",
+        )
         return y[:, : weight.out_features]
 
     def dequantize(
@@ -249,7 +274,10 @@ class QuantContext:
         if rows is None:
             out = torch.empty(weight.out_features, weight.in_features, dtype=torch.float32)
             code = self._lib.dequantize_rows(
-                ctypes.byref(self._struct), ctypes.byref(ws), None, weight.out_features,
+                ctypes.byref(self._struct),
+                ctypes.byref(ws),
+                None,
+                weight.out_features,
                 out.data_ptr(),
             )
         else:
@@ -258,7 +286,10 @@ class QuantContext:
                 raise IndexError(f"row ids outside [0, {weight.out_features})")
             out = torch.empty(ids.numel(), weight.in_features, dtype=torch.float32)
             code = self._lib.dequantize_rows(
-                ctypes.byref(self._struct), ctypes.byref(ws), ids.data_ptr(), ids.numel(),
+                ctypes.byref(self._struct),
+                ctypes.byref(ws),
+                ids.data_ptr(),
+                ids.numel(),
                 out.data_ptr(),
             )
         _check(code, "dequantize")

@@ -98,4 +98,34 @@ typedef struct {
     int64_t m, in;
 } sg_qact;
 
+/* The quantized kernels' context: the ISA (enum sg_isa) and the worker pool (NULL: the
+ * caller's thread alone). */
+typedef struct sg_pool sg_pool;
+typedef struct {
+    sg_pool *pool;
+    int32_t isa;
+    int32_t _pad;
+} sg_qctx;
+
+/* A linear layer made of row blocks [W_0; W_1; ...] of one input (fused q/k/v or
+ * gate/up, whose GGUF types may differ): out_features is the layer's true width (the
+ * last part may hold padded rows beyond it).
+ *
+ * residual: quantize each input row twice, x ~= d1 q1 + d2 q2 with q2 the int8 of the
+ * first rounding's residual, and run both as rows of one tile (the weight is unpacked
+ * once for the pair): ~16-bit activations for the layers that need them (the LM head,
+ * whose rows feed sampling: a hidden state with one large outlier costs its block's
+ * other entries most of their 8 bits). At batch 1 the extra integer work hides under
+ * the weight stream. */
+typedef struct {
+    const sg_qweight *parts;
+    int64_t count;
+    const sg_qctx *ctx;
+    int64_t out_features;
+    int32_t residual;
+    int32_t _pad;
+} sg_qparts;
+
+int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy);
+
 #endif

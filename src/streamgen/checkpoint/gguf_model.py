@@ -1,0 +1,228 @@
+"""A GGUF file served directly: its tensors stay quantized, repacked for the kernels.
+
+``read_gguf`` returns everything the loader needs to build the runtime model:
+
+* a metadata directory (``config.json`` and the tokenizer, written once from the
+  file's metadata into ``$STREAMGEN_HOME/gguf/``, keyed by the file's name, size and
+  modification time; weights are never copied there);
+* per streamgen weight, either the packed parts (:class:`PackedWeight`, one per GGUF
+  tensor, so fused q/k/v and gate/up keep each tensor's own type) or a dense float32
+  tensor (F32 / F16 / BF16 tensors, norms).
+
+Every check runs before anything is allocated for the model: unsupported tensor types,
+missing tensors and shapes that disagree with the metadata raise
+:class:`~streamgen.errors.UnsupportedModelError` / :class:`~streamgen.errors.ModelLoadError`
+naming the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamgen.checkpoint.cache import streamgen_home
+from streamgen.checkpoint.gguf_file import read_gguf_file
+from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, packed_weight, unpack
+from streamgen.errors import ModelLoadError, UnsupportedModelError
+from streamgen.native.qkernels import PackedWeight
+
+DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
+# streamgen module -> the GGUF tensors (per layer, fused in this order).
+_LAYER_PARTS = {
+    "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
+    "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
+    "mlp.down_proj": ("ffn_down",),
+}
+_LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+Weight = tuple[PackedWeight, ...] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    """The weights of a GGUF file by streamgen module name (``layers.3.mlp.down_proj``),
+    and the directory holding its config and tokenizer."""
+
+    path: Path
+    metadata_dir: Path
+    weights: dict[str, Weight]
+    biases: dict[str, torch.Tensor]
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    candidate = Path(path).expanduser()
+    return candidate.is_file() and candidate.suffix.lower() == ".gguf"
+
+
+def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
+    """Read ``path``: the header checked, the metadata directory, then every tensor repacked."""
+    from streamgen.checkpoint.gguf_convert import SUPPORTED_ARCHITECTURE
+
+    header = read_gguf_file(path)
+    architecture = header.metadata.get("general.architecture")
+    if architecture != SUPPORTED_ARCHITECTURE:
+        raise UnsupportedModelError(
+            f"{path.name}: architecture {architecture!r} is not supported "
+            f"(only {SUPPORTED_ARCHITECTURE!r})"
+        )
+    def meta_int(key: str, default: int | None = None) -> int:
+        value = header.metadata.get(f"{architecture}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path.name}: metadata {architecture}.{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelLoadError(f"{path.name}: metadata {architecture}.{key} is {value!r}")
+        return value
+
+    num_heads = meta_int("attention.head_count")
+    num_kv_heads = meta_int("attention.head_count_kv", num_heads)
+    layers = meta_int("block_count") if num_layers is None else num_layers
+    hidden, inter = meta_int("embedding_length"), meta_int("feed_forward_length")
+    tensors = header.tensors
+    if num_heads <= 0 or hidden % num_heads or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ModelLoadError(
+            f"{path.name}: {num_heads} heads / {num_kv_heads} KV heads for hidden {hidden}"
+        )
+    head_dim = hidden // num_heads
+    expected_out = {
+        "attn_q": num_heads * head_dim,
+        "attn_k": num_kv_heads * head_dim,
+        "attn_v": num_kv_heads * head_dim,
+        "attn_output": hidden,
+        "ffn_gate": inter,
+        "ffn_up": inter,
+        "ffn_down": hidden,
+    }
+    expected_in = {"attn_output": num_heads * head_dim, "ffn_down": inter}
+
+    def tensor(name: str) -> Any:
+        if name not in tensors:
+            raise ModelLoadError(f"{path.name}: tensor {name} is missing")
+        return tensors[name]
+
+    def check_shape(name: str, shape: tuple[int, ...]) -> None:
+        actual = tuple(int(d) for d in reversed(tensor(name).shape))  # numpy order
+        if actual != shape:
+            raise ModelLoadError(f"{path.name}: tensor {name} has shape {actual}, expected {shape}")
+
+    # Pass 1: every check, nothing allocated.
+    embed_shape = tensor("token_embd.weight").shape
+    vocab = int(embed_shape[-1])
+    check_shape("token_embd.weight", (vocab, hidden))
+    check_shape("output_norm.weight", (hidden,))
+    if "output.weight" in tensors:
+        check_shape("output.weight", (vocab, hidden))
+    for i in range(layers):
+        for part, out in expected_out.items():
+            check_shape(f"blk.{i}.{part}.weight", (out, expected_in.get(part, hidden)))
+        for norm in _LAYER_NORMS.values():
+            check_shape(f"blk.{i}.{norm}.weight", (hidden,))
+    for t in tensors.values():
+        kind = t.type_name
+        if kind not in BY_GGML_NAME and kind not in DENSE_TYPES:
+            raise UnsupportedModelError(
+                f"{path.name}: tensor {t.name} has type {kind}; supported: "
+                f"{sorted(BY_GGML_NAME) + sorted(DENSE_TYPES)}"
+            )
+
+    # Pass 2: the config and tokenizer (written once), then repack.
+    metadata_dir = _metadata_dir(path)
+
+
+    def read(name: str, rotary_heads: int = 0) -> PackedWeight | np.ndarray:
+        t = tensor(name)
+        out = int(t.shape[-1]) if len(t.shape) > 1 else int(t.shape[0])
+        order = None
+        if rotary_heads:
+            from streamgen.checkpoint.gguf_convert import unpermute_rotary_rows
+
+            order = unpermute_rotary_rows(np.arange(out)[:, None], rotary_heads)[:, 0]
+        raw = header.array(name).reshape(out, -1)
+        if t.type_name in DENSE_TYPES:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+
+            values = dequantize(raw, GGMLQuantizationType(t.ggml_type)).astype(np.float32)
+            values = values.reshape(out, -1) if len(t.shape) > 1 else values.reshape(-1)
+            return np.ascontiguousarray(values if order is None else values[order])
+        if order is not None:
+            raw = raw[order]
+        return packed_weight(unpack(np.asarray(raw), BY_GGML_NAME[t.type_name], int(t.shape[0])))
+
+    weights: dict[str, Weight] = {}
+    biases: dict[str, torch.Tensor] = {}
+    embed = read("token_embd.weight")
+    weights["embed_tokens"] = _as_weight([embed])
+    if "output.weight" in tensors:
+        weights["lm_head"] = _as_weight([read("output.weight")])
+    weights["norm"] = _dense(read("output_norm.weight"))
+    rotary = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    for i in range(layers):
+        for module, parts in _LAYER_PARTS.items():
+            weights[f"layers.{i}.{module}"] = _as_weight(
+                [read(f"blk.{i}.{p}.weight", rotary.get(p, 0)) for p in parts]
+            )
+            bias_names = [f"blk.{i}.{p}.bias" for p in parts]
+            if all(b in tensors for b in bias_names):
+                biases[f"layers.{i}.{module}"] = torch.cat(
+                    [
+                        _dense(read(b, rotary.get(p, 0)))
+                        for b, p in zip(bias_names, parts, strict=True)
+                    ]
+                )
+        for module, norm in _LAYER_NORMS.items():
+            weights[f"layers.{i}.{module}"] = _dense(read(f"blk.{i}.{norm}.weight"))
+    return GGUFCheckpoint(path, metadata_dir, weights, biases)
+
+
+def _dense(value: PackedWeight | np.ndarray) -> torch.Tensor:
+    if isinstance(value, PackedWeight):
+        raise ModelLoadError("a norm or bias tensor is quantized")
+    return torch.from_numpy(np.array(value, dtype=np.float32))
+
+
+def _as_weight(parts: list[PackedWeight | np.ndarray]) -> Weight:
+    """Packed parts where every part is quantized and all but the last fill whole row
+    groups; otherwise one dense float32 tensor (dequantized exactly)."""
+    packed = [p for p in parts if isinstance(p, PackedWeight)]
+    if len(packed) == len(parts) and all(p.out_features % 16 == 0 for p in packed[:-1]):
+        return tuple(packed)
+    from streamgen.native.qkernels import QuantContext
+
+    ctx = QuantContext.create(threads=1)
+    dense = [
+        ctx.dequantize(p) if isinstance(p, PackedWeight) else torch.from_numpy(p) for p in parts
+    ]
+    return torch.cat(dense)
+
+
+def _metadata_dir(path: Path) -> Path:
+    from streamgen.checkpoint.gguf_convert import open_gguf, write_config_and_tokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(
+        f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    ).hexdigest()
+    target = streamgen_home() / "gguf" / f"{path.stem}-{key[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    try:
+        write_config_and_tokenizer(path, open_gguf(path), tmp)
+        try:
+            os.replace(tmp, target)  # atomic; a concurrent builder may have won
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
