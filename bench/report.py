@@ -124,6 +124,10 @@ def render(results_dir: Path = RESULTS_DIR, md_path: Path = RESULTS_MD) -> str:
     for record in records:
         if record.get("format") == 2:
             parts.append(_suite_section(record, md_path.parent, results_dir))
+        elif record.get("scenario") == "cpu_quant":
+            from bench.cpu_quant import render as render_cpu_quant
+
+            parts.append(render_cpu_quant(record))
         elif record["scenario"] in LEGACY_SECTIONS:
             parts.append(LEGACY_SECTIONS[record["scenario"]](record))
     return "\n\n".join(parts) + "\n"

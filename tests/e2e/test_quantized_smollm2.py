@@ -105,7 +105,8 @@ def test_first_layer_is_the_same_arithmetic(quantized, dense) -> None:
     assert ((hidden[0] - hidden[1]).norm() / hidden[1].norm()).item() < 1e-3
 
 
-def _teacher_forced(loaded, ids: list[int], prefill: int) -> torch.Tensor:  # [len(ids) - prefill + 1, vocab]
+def _teacher_forced(loaded, ids: list[int], prefill: int) -> torch.Tensor:
+    # -> [len(ids), vocab]: a prefill of `prefill` tokens, then one decode per token
     runner = ModelRunner(loaded, KVCacheConfig(block_size=16, num_blocks=12))
     table = list(range(12))
     out = [runner.forward_logits(ModelBatch([SequenceChunk("r", ids[:prefill], 0, table)]))]

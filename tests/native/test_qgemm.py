@@ -102,3 +102,35 @@ def test_threads_give_the_same_result(threads: int) -> None:
     for _ in range(20):  # many runs through the pool's generations
         torch.testing.assert_close(many.linear(weight, x), one.linear(weight, x), rtol=0, atol=0)
     many.close()
+
+
+@pytest.mark.parametrize("rows", (1, 3, 8))
+@pytest.mark.parametrize(
+    "qtype", [QuantType.Q4_1, QuantType.Q8_0, QuantType.Q6_K], ids=lambda t: t.name
+)
+def test_residual_activations_are_two_roundings(
+    ctx: QuantContext, qtype: QuantType, rows: int
+) -> None:
+    """~16-bit activations (the LM head's): x's int8 rounding plus its residual's, each
+    row pair summed by the kernel; the reference adds the two same-arithmetic results,
+    within the sum of their bounds."""
+    from streamgen.model.quantized import PackedLinear
+
+    rng = np.random.default_rng(50 + rows)
+    fmt = FORMATS[qtype]
+    n = 2 * fmt.tile_inputs
+    u = random_unpacked(qtype, 32, n, rng)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    x[:, 5] = 40.0  # an outlier: plain int8 loses the rest of its block
+    q1, d1 = quantize_activations(x)
+    resid = (x - d1.repeat(32, axis=1) * q1.astype(np.float32)).astype(np.float32)
+    q2, d2 = quantize_activations(resid)
+    y1, b1 = reference_gemm(u, q1, d1)
+    y2, b2 = reference_gemm(u, q2, d2)
+    layer = PackedLinear((packed_weight(u),), ctx, residual_activations=True)
+    y = layer.forward(torch.from_numpy(x)).numpy().astype(np.float64)
+    bound = (n // 32 + 4) * 2.0**-23 * (b1 + b2) + 2.0**-23 * np.abs(y1 + y2)
+    assert (np.abs(y - (y1 + y2)) <= bound).all()
+    exact = x.astype(np.float64) @ u.dequantize().astype(np.float64).T
+    plain = ctx.linear(packed_weight(u), torch.from_numpy(x)).numpy()
+    assert np.abs(y - exact).max() < np.abs(plain - exact).max() / 20

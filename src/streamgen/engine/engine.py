@@ -126,7 +126,7 @@ class Engine:
             return self._model_arg
         return load_model(
             self._model_arg, dtype=self.config.dtype, quantization=self.config.quantization,
-            threads=self.config.threads,
+            threads=self.config.threads, activation_bits=self.config.activation_bits,
         )
 
     async def aclose(self) -> None:

@@ -49,7 +49,7 @@ const char *sg_isa_name(int32_t isa) { return isa >= 0 && isa < SG_ISAS ? ISAS[i
  * sums of q per 16 inputs. */
 int sg_quantize_act(const float *x, int64_t m, int64_t in, sg_qact *a) {
     if (!x || !a || m < 0 || in % SG_QBLOCK) return SG_QEINVAL;
-    a->m = m, a->in = in;
+    a->m = m, a->in = in, a->pairs = 0;
     for (int64_t r = 0; r < m; r++) {
         for (int64_t blk = 0; blk < in / SG_QBLOCK; blk++) {
             const float *xb = x + r * in + blk * SG_QBLOCK;
@@ -90,7 +90,8 @@ static void gemm_task(void *ctx, int64_t task) {
     job->kernel(job->w, job->a, job->y, job->ldy, g0, g1);
     const float *bias = job->w->bias;
     if (!bias) return;
-    for (int64_t r = 0; r < job->a->m; r++)
+    const int64_t rows = job->a->pairs ? job->a->m / 2 : job->a->m;
+    for (int64_t r = 0; r < rows; r++)
         for (int64_t c = g0 * SG_GROUP_ROWS; c < g1 * SG_GROUP_ROWS; c++) job->y[r * job->ldy + c] += bias[c];
 }
 
@@ -105,7 +106,7 @@ static int check_weight(const sg_qweight *w) {
 static int qgemm_strided(const sg_qctx *ctx, const sg_qweight *w, const sg_qact *a, float *y,
                          int64_t ldy) {
     if (!ctx || ctx->isa < 0 || ctx->isa >= SG_ISAS || !check_weight(w) || !a || !y ||
-        a->in != w->in_features || a->m < 0 || ldy < w->out_features)
+        a->in != w->in_features || a->m < 0 || ldy < w->out_features || (a->pairs && a->m % 2))
         return SG_QEINVAL;
     if (a->m == 0) return SG_QOK;
     const int64_t groups = w->out_features / SG_GROUP_ROWS;
@@ -126,7 +127,7 @@ int sg_qact_alloc(sg_qact *a, int64_t m, int64_t in) {
     a->q = (int8_t *)malloc((size_t)(m * in) + 1);
     a->d = (float *)malloc(sizeof(float) * (size_t)(m * in / SG_QBLOCK) + 1);
     a->s16 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * in / 16) + 1);
-    a->m = m, a->in = in;
+    a->m = m, a->in = in, a->pairs = 0;
     return a->q && a->d && a->s16 ? SG_QOK : SG_QENOMEM;
 }
 
@@ -142,47 +143,26 @@ int sg_qlinear(const sg_qctx *ctx, const sg_qweight *w, const float *x, int64_t 
     return sg_qlinear_parts(&parts, x, m, y, w->out_features);
 }
 
-/* The residual mode of sg_qparts: rows 2r and 2r + 1 of the activations are x_r's first
- * rounding and its residual's; y_r = (y_2r + y_2r+1) + bias. */
-static int qlinear_parts_residual(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
-    const int64_t in = p->parts[0].in_features;
-    sg_qact a;
-    float *resid = (float *)malloc(sizeof(float) * (size_t)(2 * m * in) + 1);
-    int rc = sg_qact_alloc(&a, 2 * m, in);
-    if (rc == SG_QOK && !resid) rc = SG_QENOMEM;
-    if (rc == SG_QOK) {
-        const int64_t blocks = in / SG_QBLOCK;
-        for (int64_t r = 0; r < m; r++) {
-            memcpy(resid + 2 * r * in, x + r * in, sizeof(float) * (size_t)in);
-            sg_qact first = {a.q + 2 * r * in, a.d + 2 * r * blocks, a.s16 + 2 * r * (in / 16), 1, in};
-            sg_quantize_act(x + r * in, 1, in, &first);
-            for (int64_t k = 0; k < in; k++)
-                resid[(2 * r + 1) * in + k] = x[r * in + k] - first.d[k / SG_QBLOCK] * (float)first.q[k];
-        }
-        rc = sg_quantize_act(resid, 2 * m, in, &a);
+/* x [m, in] -> a [2m rows, pairs]: row 2r is x_r's int8 rounding, row 2r + 1 that of
+ * its residual x_r - d q (scratch: [in] floats). */
+static int quantize_pairs(const float *x, int64_t m, int64_t in, sg_qact *a, float *scratch) {
+    const int64_t blocks = in / SG_QBLOCK;
+    for (int64_t r = 0; r < m; r++) {
+        sg_qact first = {a->q + 2 * r * in, a->d + 2 * r * blocks, a->s16 + 2 * r * (in / 16), 1, in, 0};
+        sg_qact second = {first.q + in, first.d + blocks, first.s16 + in / 16, 1, in, 0};
+        int rc = sg_quantize_act(x + r * in, 1, in, &first);
+        for (int64_t k = 0; rc == SG_QOK && k < in; k++)
+            scratch[k] = x[r * in + k] - first.d[k / SG_QBLOCK] * (float)first.q[k];
+        if (rc == SG_QOK) rc = sg_quantize_act(scratch, 1, in, &second);
+        if (rc != SG_QOK) return rc;
     }
-    int64_t col = 0;
-    for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
-        sg_qweight w = p->parts[i];
-        const float *bias = w.bias;
-        w.bias = NULL;
-        const int64_t width = i + 1 < p->count ? w.out_features : p->out_features - col;
-        float *tmp = (float *)malloc(sizeof(float) * (size_t)(2 * m * w.out_features) + 1);
-        rc = tmp ? qgemm_strided(p->ctx, &w, &a, tmp, w.out_features) : SG_QENOMEM;
-        for (int64_t r = 0; rc == SG_QOK && r < m; r++)
-            for (int64_t c = 0; c < width; c++)
-                y[r * ldy + col + c] = tmp[2 * r * w.out_features + c] + tmp[(2 * r + 1) * w.out_features + c] +
-                                       (bias ? bias[c] : 0.0f);
-        free(tmp);
-        col += width;
-    }
-    free(resid);
-    sg_qact_free(&a);
-    return rc;
+    a->m = 2 * m, a->in = in, a->pairs = 1;
+    return SG_QOK;
 }
 
 /* y [m, sum of the parts' out] (row stride ldy) = x @ [W_0; W_1; ...]^T: x quantized once
- * for every part (q/k/v, gate/up). A part with padded rows goes through a scratch. */
+ * for every part (q/k/v, gate/up), twice with p->residual. A part with padded rows goes
+ * through a scratch. */
 int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
     if (!p || !p->parts || p->count < 1 || !x || !y || m < 0) return SG_QEINVAL;
     const int64_t in = p->parts[0].in_features;
@@ -194,10 +174,16 @@ int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, in
     const int64_t last = p->parts[p->count - 1].out_features;
     if (p->out_features <= before_last || p->out_features > before_last + last || ldy < p->out_features)
         return SG_QEINVAL;
-    if (p->residual) return qlinear_parts_residual(p, x, m, y, ldy);
     sg_qact a;
-    int rc = sg_qact_alloc(&a, m, in);
-    if (rc == SG_QOK) rc = sg_quantize_act(x, m, in, &a);
+    const int64_t rows = p->residual ? 2 * m : m;
+    int rc = sg_qact_alloc(&a, rows, in);
+    if (rc == SG_QOK && p->residual) {
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)in);
+        rc = scratch ? quantize_pairs(x, m, in, &a, scratch) : SG_QENOMEM;
+        free(scratch);
+    } else if (rc == SG_QOK) {
+        rc = sg_quantize_act(x, m, in, &a);
+    }
     int64_t col = 0;
     for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
         const sg_qweight *w = &p->parts[i];

@@ -111,7 +111,11 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
                 acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->d[row * blocks + blk] * (float)(s16[0] + s16[1])), acc[r]);
         }
     }
-    for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
+    if (a->pairs) /* NR and row0 are even: each pair is one output row */
+        for (int r = 0; r + 1 < NR; r += 2)
+            _mm512_storeu_ps(y + (row0 + r) / 2 * out + col0, _mm512_add_ps(acc[r], acc[r + 1]));
+    else
+        for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
 }
 
 INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,

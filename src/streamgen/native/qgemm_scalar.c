@@ -33,7 +33,9 @@ static void gemm_scalar(const sg_qformat *f, const sg_qweight *w, const sg_qact 
                     }
                     if (f->min_kind != SG_MIN_NONE) acc += min_at(f, tile, b, r) * (da * (float)asum);
                 }
-                y[row * ldy + g * SG_GROUP_ROWS + r] = acc;
+                float *dst = y + (a->pairs ? row / 2 : row) * ldy + g * SG_GROUP_ROWS + r;
+                if (a->pairs && row % 2) *dst = *dst + acc; /* the residual's half */
+                else *dst = acc;
             }
         }
     }

@@ -138,7 +138,11 @@ INLINE void half_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *
                 acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(d * (float)(s16[0] + s16[1])), acc[r]);
         }
     }
-    for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col0 + 8 * half, acc[r]);
+    if (a->pairs) /* NR and row0 are even: each pair is one output row */
+        for (int r = 0; r + 1 < NR; r += 2)
+            _mm256_storeu_ps(y + (row0 + r) / 2 * out + col0 + 8 * half, _mm256_add_ps(acc[r], acc[r + 1]));
+    else
+        for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col0 + 8 * half, acc[r]);
 }
 
 INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,

@@ -53,6 +53,7 @@ class QActStruct(ctypes.Structure):
         ("s16", ctypes.c_void_p),
         ("m", ctypes.c_int64),
         ("in_features", ctypes.c_int64),
+        ("pairs", ctypes.c_int64),
     ]
 
 
@@ -246,7 +247,7 @@ class QuantContext:
         q = torch.empty(m, n, dtype=torch.int8)
         d = torch.empty(m, n // 32, dtype=torch.float32)
         s16 = torch.empty(m, n // 16, dtype=torch.int32)
-        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n)
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
         _check(self._lib.quantize_act(x.data_ptr(), m, n, ctypes.byref(act)), "quantize")
         return q, d, s16
 
@@ -256,7 +257,7 @@ class QuantContext:
         """The matmul over activations already quantized (``quantize_activations``)."""
         m, n = q.shape
         y = torch.empty(m, weight.padded_out, dtype=torch.float32)
-        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n)
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
         ws = weight.struct()
         _check(
             self._lib.qgemm(
