@@ -46,7 +46,11 @@ WORKS = ("decode", "prefill", "concurrent")
 def _engine(gguf: Path, threads: int, max_num_seqs: int = 64) -> Any:
     from streamgen import Engine, EngineConfig
 
-    config = EngineConfig(threads=threads, kv_cache_bytes=1 << 30, max_num_seqs=max_num_seqs)
+    # No prefix caching: repetitions reuse the prompts, and llama.cpp's runs start cold too.
+    config = EngineConfig(
+        threads=threads, kv_cache_bytes=1 << 30, max_num_seqs=max_num_seqs,
+        enable_prefix_caching=False,
+    )
     return Engine(str(gguf), config)
 
 
@@ -61,28 +65,20 @@ async def _stream_times(engine: Any, prompt: list[int], new_tokens: int) -> list
     return times
 
 
-def streamgen_decode(engine: Any) -> float:
-    times = asyncio.run(_run_on(engine, lambda e: _stream_times(e, [1], 128)))
+async def streamgen_decode(engine: Any) -> float:
+    times = await _stream_times(engine, [1], 128)
     return (len(times) - 2) / (times[-1] - times[1])
 
 
-def streamgen_prefill(engine: Any, prompt: list[int]) -> float:
-    times = asyncio.run(_run_on(engine, lambda e: _stream_times(e, prompt, 1)))
+async def streamgen_prefill(engine: Any, prompt: list[int]) -> float:
+    times = await _stream_times(engine, prompt, 1)
     return len(prompt) / (times[1] - times[0])
 
 
-def streamgen_concurrent(engine: Any, prompts: list[list[int]]) -> float:
-    async def all_at_once(e: Any) -> float:
-        start = time.perf_counter()
-        runs = await asyncio.gather(*(_stream_times(e, p, 128) for p in prompts))
-        return sum(len(t) - 1 for t in runs) / (time.perf_counter() - start)
-
-    return asyncio.run(_run_on(engine, all_at_once))
-
-
-async def _run_on(engine: Any, work: Any) -> Any:
-    async with engine:
-        return await work(engine)
+async def streamgen_concurrent(engine: Any, prompts: list[list[int]]) -> float:
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(_stream_times(engine, p, 128) for p in prompts))
+    return sum(len(t) - 1 for t in runs) / (time.perf_counter() - start)
 
 
 def llama_bench(gguf: Path, threads: int, prompt: int, gen: int) -> float:
@@ -152,7 +148,7 @@ def _tensor_bytes(gguf: Path) -> int:
     return sum(t.nbytes for t in read_gguf_file(gguf).tensors.values())
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     from streamgen.checkpoint import default_gguf_path
 
     gguf = Path(args.gguf) if args.gguf else default_gguf_path()
@@ -163,16 +159,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for threads in args.threads:
         samples: dict[tuple[str, str], list[float]] = {}
-        for rep in range(args.repeats):
-            for work in args.works:
-                order = ("streamgen", "llama.cpp") if rep % 2 == 0 else ("llama.cpp", "streamgen")
-                for system in order:
-                    value = _measure(system, work, gguf, threads, prefill_prompt, prompts)
-                    samples.setdefault((work, system), []).append(value)
-                    print(f"threads={threads} rep={rep} {work} {system}: {value:.1f} tok/s",
-                          file=sys.stderr)  # fmt: skip
-        bandwidth = _copy_bandwidth(threads)
-        floor = bandwidth * 1e9 / _tensor_bytes(gguf)
+        # One engine per thread count, started once and warmed up (llama-bench warms up too).
+        async with _engine(gguf, threads) as engine:
+            await streamgen_decode(engine)
+            for rep in range(args.repeats):
+                for work in args.works:
+                    order = ("streamgen", "llama.cpp")
+                    for system in order if rep % 2 == 0 else order[::-1]:
+                        if system == "streamgen":
+                            value = await _measure_streamgen(engine, work, prefill_prompt, prompts)
+                        else:
+                            value = await asyncio.to_thread(
+                                _measure_llama_cpp, work, gguf, threads, prompts
+                            )
+                        samples.setdefault((work, system), []).append(value)
+                        print(f"threads={threads} rep={rep} {work} {system}: {value:.1f} tok/s",
+                              file=sys.stderr)  # fmt: skip
+        bandwidth = _copy_bandwidth(threads)  # bytes/s
+        floor = bandwidth / _tensor_bytes(gguf)
         for work in args.works:
             ours = statistics.median(samples[(work, "streamgen")])
             peer = statistics.median(samples[(work, "llama.cpp")])
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio": ours / peer, "samples": {s: samples[(work, s)] for s in
                                                   ("streamgen", "llama.cpp")},
                 "floor_tok_s": floor if work == "decode" else None,
-                "copy_gb_s": bandwidth,
+                "copy_gb_s": bandwidth / 1e9,
             })  # fmt: skip
     now = dt.datetime.now(dt.timezone.utc)
     return {
@@ -193,20 +197,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _measure(system: str, work: str, gguf: Path, threads: int, prefill_prompt: list[int],
-             prompts: list[list[int]]) -> float:  # fmt: skip
-    if system == "llama.cpp":
-        if work == "decode":
-            return llama_bench(gguf, threads, 0, 128)
-        if work == "prefill":
-            return llama_bench(gguf, threads, 512, 0)
-        return llama_server_concurrent(gguf, threads, prompts)
-    engine = _engine(gguf, threads)
+async def _measure_streamgen(
+    engine: Any, work: str, prefill_prompt: list[int], prompts: list[list[int]]
+) -> float:
     if work == "decode":
-        return streamgen_decode(engine)
+        return await streamgen_decode(engine)
     if work == "prefill":
-        return streamgen_prefill(engine, prefill_prompt)
-    return streamgen_concurrent(engine, prompts)
+        return await streamgen_prefill(engine, prefill_prompt)
+    return await streamgen_concurrent(engine, prompts)
+
+
+def _measure_llama_cpp(work: str, gguf: Path, threads: int, prompts: list[list[int]]) -> float:
+    if work == "decode":
+        return llama_bench(gguf, threads, 0, 128)
+    if work == "prefill":
+        return llama_bench(gguf, threads, 512, 0)
+    return llama_server_concurrent(gguf, threads, prompts)
 
 
 def render(record: dict[str, Any]) -> str:
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--works", type=lambda s: s.split(","), default=list(WORKS))
     args = parser.parse_args(argv)
-    record = run(args)
+    record = asyncio.run(run(args))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = RESULTS_DIR / f"cpu_quant-{stamp}.json"
     path.write_text(json.dumps(record, indent=1))
