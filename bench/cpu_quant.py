@@ -243,6 +243,7 @@ def render(record: dict[str, Any]) -> str:
         )
     lines += ["", "Decode floor: the file's tensor bytes read once per token at the measured "
               "copy bandwidth (array copy, same thread count)."]  # fmt: skip
+    lines += [f"\n{note}" for note in record.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -16,9 +16,16 @@ async def main() -> None:
     async with Engine(None, config) as engine:
         order: list[str] = []
 
+        started = {f"essay-{i}": asyncio.Event() for i in range(3)}
+
         async def run(name: str, question: str, params: SamplingParams, priority: int = 0):
             stream = engine.stream([{"role": "user", "content": question}], params, priority)
-            text = "".join([event.text async for event in stream])
+            pieces = []
+            async for event in stream:
+                pieces.append(event.text)
+                if name in started:
+                    started[name].set()
+            text = "".join(pieces)
             order.append(name)
             print(f"[{name}, {stream.finish_reason}] {text[:60]!r}")
             return stream
@@ -27,7 +34,8 @@ async def main() -> None:
             asyncio.create_task(run(f"essay-{i}", f"Write an essay about topic {i}.", essay))
             for i in range(3)
         ]
-        await asyncio.sleep(0.5)
+        await started["essay-0"].wait()  # both slots are busy with essays now
+        await started["essay-1"].wait()
         await run("urgent", "What is 2 + 2?", SamplingParams(temperature=0, max_tokens=8), 10)
         stream_2 = engine.stream([{"role": "user", "content": "Describe the moon."}], essay)
         stream_2.set_priority(5)  # promoted while it runs

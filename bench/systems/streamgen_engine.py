@@ -52,6 +52,9 @@ def engine_config(options: SystemOptions, dtype: str, threads: int) -> Any:
         max_num_batched_tokens=options.max_num_batched_tokens,
         stream_buffer=options.stream_buffer,
         kv_cache_bytes=options.kv_cache_bytes,
+        # Every workload fits in 2048 tokens; the engine refuses a pool that cannot hold
+        # one request of max_model_len (the model's 8192 would not fit the quick pools).
+        max_model_len=2048,
         **extra,
     )
 

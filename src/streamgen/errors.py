@@ -10,6 +10,8 @@ Users catch these classes, never a bare ``RuntimeError``:
 * :class:`CapacityError`: the engine cannot hold the request at all.
 * :class:`EngineDeadError`: the engine's core has stopped; open streams end
   with it.
+* :class:`EngineNotStartedError` (also a ``RuntimeError``): the engine was used
+  before ``start()`` / ``async with``.
 * :class:`BackendUnavailableError` (a :class:`ConfigError`): the chosen
   attention backend cannot run on this machine (package or GPU missing).
 """
@@ -55,6 +57,10 @@ class CapacityError(StreamgenError):
 
 class EngineDeadError(StreamgenError):
     """The engine's core thread has died; the engine no longer serves requests."""
+
+
+class EngineNotStartedError(StreamgenError, RuntimeError):
+    """The engine was asked to serve before ``await engine.start()`` (or ``async with``)."""
 
 
 class ConfigError(StreamgenError, ValueError):

@@ -60,7 +60,8 @@ class SamplingParams:
             per step besides the sampled token's logprob; ``None`` returns
             none. In ``[0, 20]``.
         seed: Makes the request's samples reproducible whatever else is in
-            the batch; ``None`` draws from the engine's generator.
+            the batch; ``None`` draws from the engine's generator. Any int (it is
+            hashed with the token's position into the generator's seed).
         speculation: Speculative decoding for this request: ``None`` follows
             the engine (``EngineConfig.speculation``), ``False`` turns it off,
             ``True`` asks for it (a no-op on an engine without a drafter).

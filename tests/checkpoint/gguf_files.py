@@ -33,11 +33,7 @@ def quantized_bytes(
     return raw
 
 
-def write_tensors(
-    path: Path, tensors: dict[str, tuple[np.ndarray, str]], arch: str = "llama"
-) -> Path:
-    """A GGUF file holding ``name -> (values or raw bytes, type name)``."""
-    writer = GGUFWriter(str(path), arch)
+def _finish(writer: GGUFWriter, tensors: dict[str, tuple[np.ndarray, str]], path: Path) -> Path:
     for name, (data, type_name) in tensors.items():
         if type_name in ("F32", "F16"):
             writer.add_tensor(name, data.astype(np.float32 if type_name == "F32" else np.float16))
@@ -48,6 +44,14 @@ def write_tensors(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tensors(
+    path: Path, tensors: dict[str, tuple[np.ndarray, str]], arch: str = "llama"
+) -> Path:
+    """A GGUF file holding ``name -> (values or raw bytes, type name)``."""
+    writer = GGUFWriter(str(path), arch)
+    return _finish(writer, tensors, path)
 
 
 def tiny_llama_tensors(
@@ -105,13 +109,4 @@ def write_tiny_llama(
     writer.add_head_count_kv(kv_heads)
     writer.add_context_length(128)
     writer.add_layer_norm_rms_eps(1e-5)
-    for name, (data, type_name) in tensors.items():
-        if type_name in ("F32", "F16"):
-            writer.add_tensor(name, data.astype(np.float32 if type_name == "F32" else np.float16))
-        else:
-            writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[type_name])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _finish(writer, tensors, path)

@@ -25,7 +25,7 @@ def loaded(default_model_dir: Path):
 async def test_chat_stream_text_equals_full_decode(loaded) -> None:
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     params = SamplingParams(temperature=0, max_tokens=24)
-    async with Engine(loaded, EngineConfig(kv_cache_bytes=64 << 20)) as engine:
+    async with Engine(loaded, EngineConfig(kv_cache_bytes=64 << 20, max_model_len=1024)) as engine:
         events = [e async for e in engine.stream(chat, params)]
     text = "".join(e.text for e in events)
     ids = [e.token_id for e in events]
@@ -38,7 +38,7 @@ async def test_chat_stream_text_equals_full_decode(loaded) -> None:
 async def test_stop_string_is_never_emitted(loaded) -> None:
     chat = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
     free = SamplingParams(temperature=0, max_tokens=60)
-    async with Engine(loaded, EngineConfig(kv_cache_bytes=64 << 20)) as engine:
+    async with Engine(loaded, EngineConfig(kv_cache_bytes=64 << 20, max_model_len=1024)) as engine:
         full = await engine.generate(chat, free)
         assert "7" in full.text
         stopped = await engine.generate(chat, SamplingParams(temperature=0, max_tokens=60,

@@ -192,7 +192,9 @@ async def test_speculation_keeps_greedy_output_on_the_quantized_path(quantized) 
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outputs = []
     for speculation in (None, SpeculationConfig(method="ngram", adaptive=False)):
-        config = EngineConfig(kv_cache_bytes=64 << 20, speculation=speculation)
+        config = EngineConfig(
+            kv_cache_bytes=64 << 20, max_model_len=1024, speculation=speculation
+        )
         async with Engine(quantized, config) as engine:
             outputs.append([e.token_id async for e in engine.stream(prompt, params)])
             stats = engine.stats()
@@ -214,3 +216,15 @@ def test_quantize_at_load_uses_llama_cpp_rounding(default_model_dir: Path, dense
     batch = ModelBatch([SequenceChunk("r", ids, 0, list(range(8)))])
     q, d = (runner.forward_logits(batch) for runner in runners)
     assert (q.argmax(-1) == d.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stats_split_the_step_into_kernels_and_host_work(quantized) -> None:
+    config = EngineConfig(kv_cache_bytes=64 << 20, max_model_len=1024)
+    async with Engine(quantized, config) as engine:
+        await engine.generate("Hello", SamplingParams(temperature=0, max_tokens=16))
+        split = engine.stats()["step_time"]
+    assert 0 < split["kernel_s"] < split["total_s"]
+    assert split["host_s"] == pytest.approx(split["total_s"] - split["kernel_s"])
+    assert split["host_ms_per_step"] > 0

@@ -110,7 +110,9 @@ async def test_cancel_storm_leaks_no_blocks(loaded) -> None:
 
 async def test_high_priority_request_is_served_within_a_few_steps(loaded) -> None:
     low = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    config = EngineConfig(num_kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=64)
+    config = EngineConfig(
+        num_kv_blocks=12, max_model_len=192, max_num_seqs=4, max_num_batched_tokens=64
+    )
     async with Engine(loaded, config) as engine:
         background = [engine.stream(list(range(3, 30)), low) for _ in range(6)]
         for stream in background[:4]:

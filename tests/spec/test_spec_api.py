@@ -78,7 +78,9 @@ def test_bad_speculation_settings_are_typed_errors(loaded) -> None:
 
 @pytest.mark.anyio
 async def test_self_layers_must_leave_layers_to_skip(loaded) -> None:
-    config = EngineConfig(num_kv_blocks=8, speculation=SpeculationConfig("self", self_layers=3))
+    config = EngineConfig(
+        num_kv_blocks=8, max_model_len=128, speculation=SpeculationConfig("self", self_layers=3)
+    )
     with pytest.raises(ConfigError, match="self_layers"):
         await Engine(loaded, config).start()
 

@@ -25,9 +25,12 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +263,23 @@ def _dequantize_all(
     return tensors
 
 
+@contextlib.contextmanager
+def _alone(gguf_path: Path) -> Iterator[tuple[str, str]]:
+    """The GGUF in a directory of its own (a link): transformers also reads the config
+    and tokenizer files beside a GGUF, and a converted checkpoint in the same directory
+    changes what it builds."""
+    with tempfile.TemporaryDirectory(prefix="streamgen-gguf-") as directory:
+        link = Path(directory) / gguf_path.name
+        link.symlink_to(gguf_path.resolve())
+        yield directory, link.name
+
+
 def _write_config(gguf_path: Path, out_dir: Path, *, tie_word_embeddings: bool) -> None:
     """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata."""
     from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with _alone(gguf_path) as (directory, name):
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
     if config.model_type != "llama":
         raise UnsupportedModelError(f"GGUF config has model_type {config.model_type!r}")
     # The file, not transformers' guess, decides: no output.weight means tied.
@@ -283,16 +298,10 @@ def _write_tokenizer(
     gguf_path: Path, out_dir: Path, *, pre_type: str | None, max_length: int | None
 ) -> None:
     """Write the tokenizer files, with llama.cpp's pre-tokenizer restored."""
-    import tempfile
-
     from transformers import AutoTokenizer
 
-    # transformers also reads tokenizer files beside the GGUF (a converted checkpoint in
-    # the same directory changes what it builds): read the file from a directory of its own.
-    with tempfile.TemporaryDirectory(prefix="streamgen-gguf-") as alone:
-        link = Path(alone) / gguf_path.name
-        link.symlink_to(gguf_path.resolve())
-        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=link.name)
+    with _alone(gguf_path) as (directory, name):
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     if max_length:
         tokenizer.model_max_length = int(max_length)
     pre_tokenizer = llama_cpp_pre_tokenizer(pre_type)

@@ -86,7 +86,7 @@ def load_model(
     >>> quantized = load_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
     """
     from streamgen.checkpoint.gguf_model import is_gguf_file
-    from streamgen.checkpoint.quantized_model import check_quantization
+    from streamgen.checkpoint.quantization import check_quantization
 
     check_quantization(quantization, activation_bits)
     torch_dtype = resolve_dtype(dtype)

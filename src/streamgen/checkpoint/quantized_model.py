@@ -12,6 +12,7 @@ import torch
 
 from streamgen.checkpoint.gguf_model import Weight
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, packed_weight, unpack
+from streamgen.checkpoint.quantization import QUANTIZE_AT_LOAD
 from streamgen.errors import ConfigError
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
@@ -21,19 +22,7 @@ from streamgen.model.rope import rope_inv_freq
 from streamgen.native.kernels import NativeKernels
 from streamgen.native.qkernels import PackedWeight, QuantContext
 
-# EngineConfig.quantization values for dense checkpoints -> GGUF type.
-QUANTIZE_AT_LOAD = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
-QUANTIZATIONS = (None, "auto", "gguf", *QUANTIZE_AT_LOAD)
-ACTIVATION_BITS = (8, 16)
-
 _LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-
-
-def check_quantization(value: object, activation_bits: object = 8) -> None:
-    if value not in QUANTIZATIONS:
-        raise ConfigError(f"quantization={value!r}: use one of {list(QUANTIZATIONS)}")
-    if isinstance(activation_bits, bool) or activation_bits not in ACTIVATION_BITS:
-        raise ConfigError(f"activation_bits={activation_bits!r}: use 8 or 16")
 
 
 def quantize_state(

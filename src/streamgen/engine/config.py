@@ -8,6 +8,8 @@ from typing import Any, Literal
 from streamgen.errors import ConfigError
 from streamgen.spec.config import SpeculationConfig
 
+_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -53,6 +55,9 @@ class EngineConfig:
     # Replay captured CUDA graphs for decode steps of up to max_num_seqs sequences
     # (runner/cuda_graph.py). Applies to models on a CUDA device; ignored elsewhere.
     cuda_graphs: bool = False
+    # Opt-in aging against starvation: a waiting request's effective priority rises by one
+    # for every `priority_aging_s` seconds it has waited (None: strict priority order).
+    priority_aging_s: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -66,13 +71,42 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
         for name, opt in (("num_kv_blocks", self.num_kv_blocks), ("threads", self.threads),
-                          ("max_model_len", self.max_model_len)):
-            if opt is not None and (not isinstance(opt, int) or opt < 1):
+                          ("max_model_len", self.max_model_len),
+                          ("long_prefill_chunk", self.long_prefill_chunk)):
+            if opt is not None and (not isinstance(opt, int) or isinstance(opt, bool) or opt < 1):
                 raise ConfigError(f"{name} must be None or a positive int, got {opt!r}")
-        from streamgen.checkpoint.quantized_model import check_quantization
+        if str(self.dtype).removeprefix("torch.") not in _DTYPES:  # a name or a torch dtype
+            raise ConfigError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        from streamgen.attention.registry import available_backends
+
+        backends = ("auto", *available_backends())
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in backends:
+            raise ConfigError(
+                f"attention_backend must be one of {list(backends)}, "
+                f"got {self.attention_backend!r}"
+            )
+        for name, flag in (("enable_prefix_caching", self.enable_prefix_caching),
+                           ("cuda_graphs", self.cuda_graphs)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be a bool, got {flag!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            or not -(2**63) <= self.seed < 2**64
+        ):  # what the engine's generator takes as a seed
+            raise ConfigError(
+                f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}"
+            )
+        aging = self.priority_aging_s
+        if aging is not None and (
+            isinstance(aging, bool) or not isinstance(aging, int | float) or not aging > 0
+            or aging == float("inf")
+        ):
+            raise ConfigError(f"priority_aging_s must be None or a positive number, got {aging!r}")
+        from streamgen.checkpoint.quantization import check_quantization
 
         check_quantization(self.quantization, self.activation_bits)
-        if self.num_host_blocks < 0:
+        if (isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int)
+                or self.num_host_blocks < 0):
             raise ConfigError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ConfigError(f"preemption_mode must be 'recompute' or 'swap', "
@@ -80,8 +114,6 @@ class EngineConfig:
         if self.speculation is not None and not isinstance(self.speculation, SpeculationConfig):
             raise ConfigError(f"speculation must be a SpeculationConfig or None, "
                               f"got {type(self.speculation).__name__}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.preemption_mode == "swap" and self.num_host_blocks == 0:
             raise ConfigError("preemption_mode='swap' needs num_host_blocks > 0")
 

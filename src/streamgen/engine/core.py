@@ -32,7 +32,8 @@ from streamgen.engine.events import (
     TokenEvent,
 )
 from streamgen.engine.metrics import RequestMetrics, ThroughputMeter
-from streamgen.errors import EngineDeadError, StreamgenError
+from streamgen.engine.validation import command_problem
+from streamgen.errors import EngineDeadError, RequestError, StreamgenError
 from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.scheduler import FinishReason, Request, Scheduler, SchedulerOutput
@@ -86,6 +87,7 @@ class EngineCore:
         self._thread = threading.Thread(target=self._run, name="streamgen-core", daemon=True)
         self.error: BaseException | None = None
         self.num_steps = 0
+        self.step_seconds = 0.0  # whole steps: scheduling, kernels, sampling, text, delivery
 
     # ----- called from the event loop ---------------------------------------------
     def start(self) -> None:
@@ -140,6 +142,38 @@ class EngineCore:
             self._apply(item)
 
     def _apply(self, item: Any) -> None:
+        problem = command_problem(item)
+        if problem is not None:
+            self._reject(*problem)
+            return
+        try:
+            self._apply_checked(item)
+        except Exception as exc:  # never raised in the step loop: the command is dropped
+            logger.warning("dropped a command that failed (%r): %r", item, exc)
+            rid = getattr(item, "request_id", None)
+            if isinstance(item, tuple):
+                rid = item[0].request_id
+            if isinstance(rid, str):
+                error = exc if isinstance(exc, StreamgenError) else RequestError(str(exc))
+                self._fail_request(rid, error)
+
+    def _reject(self, reason: str, request_id: str | None) -> None:
+        """A malformed command: logged and dropped; the request it names (if it is live)
+        fails with a typed error, and nothing else is disturbed."""
+        logger.warning("dropped a malformed command: %s", reason)
+        if request_id is not None:
+            self._fail_request(request_id, RequestError(f"malformed command dropped: {reason}"))
+
+    def _fail_request(self, request_id: str, error: StreamgenError) -> None:
+        if request_id not in self._text and self.scheduler.get_request(request_id) is None:
+            return
+        self.scheduler.abort_request(request_id)
+        self._text.pop(request_id, None)
+        self._metrics.pop(request_id, None)
+        self._unscheduled.discard(request_id)
+        self._deliver({request_id: [StreamError(error)]})
+
+    def _apply_checked(self, item: Any) -> None:
         if isinstance(item, tuple):
             request, metrics = item
             self._text[request.request_id] = self._make_text_state(request)
@@ -161,6 +195,7 @@ class EngineCore:
         return _TextState(IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids), stop)
 
     def _step(self) -> bool:
+        step_started = time.perf_counter()
         self._set_draft_budgets()
         output = self.scheduler.schedule()
         if output.is_empty:
@@ -201,6 +236,7 @@ class EngineCore:
         for rid, logprob in zip(result.request_ids, result.logprobs, strict=True):
             logprobs.setdefault(rid, []).append(logprob)
         self._publish(token_events, logprobs)
+        self.step_seconds += time.perf_counter() - step_started
         return True
 
     # ----- speculation ---------------------------------------------------------------

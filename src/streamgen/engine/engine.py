@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,15 @@ from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.delivery import loop_scheduler
 from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, StreamEnd, StreamError
 from streamgen.engine.stream import RequestStream
-from streamgen.errors import EngineDeadError, InvalidPromptError, RequestError
+from streamgen.engine.validation import check_chat_messages, check_priority, check_prompt_type
+from streamgen.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineNotStartedError,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    RequestError,
+)
 from streamgen.kv import BlockManager
 from streamgen.runner.cuda_graph import CudaGraphConfig
 from streamgen.runner.kv_cache import KVCacheConfig
@@ -59,6 +67,16 @@ class Engine:
     def __init__(
         self, model: str | Path | LoadedModel | None = None, config: EngineConfig | None = None
     ) -> None:
+        if model is not None and not isinstance(model, str | Path | LoadedModel):
+            raise ConfigError(
+                f"model must be a checkpoint directory or GGUF file path, a LoadedModel or "
+                f"None (the default model), got {type(model).__name__} {model!r:.80}"
+            )
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ConfigError(
+                f"config must be an EngineConfig, got {type(config).__name__}"
+                + (" (use EngineConfig(**values))" if isinstance(config, dict) else "")
+            )
         self.config = config or EngineConfig()
         self._model_arg = model
         self._core: EngineCore | None = None
@@ -104,11 +122,13 @@ class Engine:
                 long_prefill_chunk=cfg.long_prefill_chunk,
                 preemption_mode=cfg.preemption_mode,
                 block_size=cfg.block_size,
+                priority_aging_s=cfg.priority_aging_s,
             ),
             blocks,
             max_model_len=self.max_model_len,
             eos_token_ids=loaded.spec.eos_token_ids,
         )
+        self._check_capacity(runner.num_blocks)
         drafter, policy = None, None
         if cfg.speculation is not None:
             drafter = make_drafter(cfg.speculation, loaded, runner)
@@ -116,6 +136,18 @@ class Engine:
         return EngineCore(
             scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy
         )
+
+    def _check_capacity(self, num_blocks: int) -> None:
+        """A configuration that cannot hold one request of max_model_len tokens is an error
+        at start, not a stream of failed requests."""
+        needed = -(-self.max_model_len // self.config.block_size)
+        if needed > num_blocks:
+            raise ConfigError(
+                f"the KV pool holds {num_blocks} blocks of {self.config.block_size} tokens "
+                f"({num_blocks * self.config.block_size} tokens) but one request of "
+                f"max_model_len={self.max_model_len} tokens needs {needed} blocks: raise "
+                "kv_cache_bytes / num_kv_blocks or lower max_model_len"
+            )
 
     def _load(self) -> LoadedModel:
         import torch
@@ -148,12 +180,14 @@ class Engine:
     # ----- requests ------------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        assert self._loaded is not None
+        if self._loaded is None:
+            raise EngineNotStartedError("max_model_len is known once the engine has started")
         return self.config.max_model_len or self._loaded.spec.max_position_embeddings
 
     @property
     def tokenizer(self) -> Any:
-        assert self._loaded is not None
+        if self._loaded is None:
+            raise EngineNotStartedError("the tokenizer is loaded when the engine starts")
         return self._loaded.tokenizer
 
     def stream(
@@ -174,11 +208,17 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise RequestError(f"priority must be an int, got {priority!r}")
+        check_priority(priority)
         capacity = buffer if buffer is not None else self.config.stream_buffer
-        if not isinstance(capacity, int) or capacity < 1:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise RequestError(f"buffer must be a positive int, got {capacity!r}")
+        vocab = self._loaded.spec.vocab_size if self._loaded else 0
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise InvalidSamplingParamsError(
+                f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})"
+            )
+        check_prompt_type(prompt)
         request_id = f"req-{next(self._ids)}"
         send, receive = anyio.create_memory_object_stream[Any](capacity + 2)
 
@@ -213,7 +253,9 @@ class Engine:
         return Completion("".join(texts), token_ids, stream.finish_reason)
 
     def stats(self) -> dict[str, Any]:
-        """Queue sizes, KV blocks and preemptions, read without locking (approximate)."""
+        """Queue sizes, KV blocks and preemptions, read without locking (approximate).
+
+        Raises EngineNotStartedError before ``start()``."""
         core = self._require_core()
         sched = core.scheduler.stats()
         blocks = core.scheduler.block_manager
@@ -228,6 +270,15 @@ class Engine:
             "kv_blocks_used": blocks.num_used_blocks,
             "kv_blocks_cached": blocks.num_cached_blocks,
             "steps": core.num_steps,
+            # Where a step's time goes: the model's forward + LM head (kernel_s) and the
+            # host work around it (scheduling, input prep, sampling, text, delivery).
+            "step_time": {
+                "total_s": core.step_seconds,
+                "kernel_s": core.runner.kernel_seconds,
+                "host_s": max(0.0, core.step_seconds - core.runner.kernel_seconds),
+                "host_ms_per_step": 1e3 * max(0.0, core.step_seconds - core.runner.kernel_seconds)
+                / max(1, core.num_steps),
+            },
             "generated_tokens": core.throughput.total_tokens,
             "throughput_tok_s": core.throughput.tokens_per_second(),
             "attention_backend": core.runner.backend.name,
@@ -246,7 +297,10 @@ class Engine:
     # ----- internals -----------------------------------------------------------------
     def _require_core(self) -> EngineCore:
         if self._core is None:
-            raise RuntimeError("engine not started: use `async with Engine()` or `await start()`")
+            raise EngineNotStartedError(
+                "the engine is not started: use `async with Engine(...) as engine` or "
+                "`await engine.start()` first"
+            )
         if self._core.error is not None or self._closed:
             raise EngineDeadError("the engine is not running")
         return self._core
@@ -256,7 +310,8 @@ class Engine:
         vocab = self._loaded.spec.vocab_size if self._loaded else 0
         if isinstance(prompt, str):
             token_ids = list(tokenizer.encode(prompt))
-        elif prompt and all(isinstance(m, dict) for m in prompt):
+        elif prompt and all(isinstance(m, Mapping) for m in prompt):
+            check_chat_messages(prompt)
             token_ids = list(tokenizer.apply_chat_template(
                 list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
             ))

@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from streamgen.engine.events import StreamEnd, StreamError, TokenEvent
 from streamgen.engine.metrics import RequestMetrics
+from streamgen.engine.validation import check_priority
 
 
 class RequestStream:
@@ -60,7 +61,10 @@ class RequestStream:
         return "pending" if self.metrics.first_token_at is None else "streaming"
 
     def cancel(self) -> None:
-        """Abort the request; the stream ends (``finish_reason == "abort"``)."""
+        """Abort the request; the stream ends (``finish_reason == "abort"``).
+
+        A no-op on a stream that already ended (finished, failed or cancelled): its
+        ``finish_reason`` stays what it was. Safe to call any number of times."""
         if not self._done:
             self._cancelled = True
             self._done = True
@@ -69,14 +73,20 @@ class RequestStream:
             self._receive.close()
 
     async def aclose(self) -> None:
+        """:meth:`cancel`, awaitable (for ``contextlib.aclosing``); a no-op once ended."""
         self.cancel()
 
     def set_priority(self, priority: int) -> None:
-        """Change the request's priority; the scheduler applies it on its next step."""
+        """Change the request's priority; the scheduler applies it on its next step.
+
+        Raises RequestError for anything but an int (bools included) before anything
+        is sent to the core. A no-op on a stream that already ended."""
+        check_priority(priority)
         if not self._done:
             self._control._set_priority(self.request_id, priority)
 
     def __aiter__(self) -> RequestStream:
+        """The stream itself; iterating a stream that has ended yields nothing more."""
         return self
 
     async def __anext__(self) -> TokenEvent:

@@ -38,7 +38,8 @@ QUANT_SOURCES = (
     "thread_pool.c",
 )
 HEADERS = (
-    "quant_layout.h", "quant_access.h", "qgemm_kernels.h", "qgemm_x86_256.h", "thread_pool.h",
+    "quant_layout.h", "quant_access.h", "qgemm_kernels.h", "qgemm_x86_256.h", "qgemm_driver.h",
+    "thread_pool.h",
 )
 
 

@@ -675,7 +675,6 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     const sg_step st = {cos_t, sin_t, slots, query_start, seq_lens, block_tables,
                         num_seqs, bt_stride, tree_mask, tree_stride};
     const int64_t Hd = md->hidden, I = md->intermediate, row = md->q_size + 2 * md->kv_size;
-    const int64_t group = md->num_heads / md->num_kv_heads;
     const size_t floats = (size_t)(m * Hd           /* normed */
                                    + m * row        /* qkv */
                                    + m * md->q_size /* attention out */

@@ -74,6 +74,36 @@ int sg_quantize_act(const float *x, int64_t m, int64_t in, sg_qact *a) {
     return SG_QOK;
 }
 
+typedef struct {
+    const float *x;
+    int64_t m, in, rows_per_task;
+    sg_qact *a;
+} quantize_job;
+
+static void quantize_task(void *ctx, int64_t task) {
+    const quantize_job *job = (const quantize_job *)ctx;
+    const int64_t r0 = task * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    const int64_t in = job->in, blocks = in / SG_QBLOCK;
+    sg_qact rows = {job->a->q + r0 * in, job->a->d + r0 * blocks, job->a->s16 + r0 * (in / 16),
+                    r1 - r0, in, 0};
+    sg_quantize_act(job->x + r0 * in, r1 - r0, in, &rows);
+}
+
+/* sg_quantize_act on the pool, by row ranges (each row is quantized on its own, so the
+ * result is the same as the serial one). */
+static int quantize_act_pooled(const sg_qctx *ctx, const float *x, int64_t m, int64_t in,
+                               sg_qact *a) {
+    sg_pool *pool = ctx ? ctx->pool : NULL;
+    if (!pool || m < 16 || sg_pool_threads(pool) < 2) return sg_quantize_act(x, m, in, a);
+    if (!x || !a || m < 0 || in % SG_QBLOCK) return SG_QEINVAL;
+    const int64_t tasks = sg_pool_threads(pool) * 2;
+    quantize_job job = {x, m, in, (m + tasks - 1) / tasks, a};
+    sg_pool_run(pool, quantize_task, &job, (m + job.rows_per_task - 1) / job.rows_per_task);
+    a->m = m, a->in = in, a->pairs = 0;
+    return SG_QOK;
+}
+
 /* ----- matmul ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -182,7 +212,7 @@ int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, in
         rc = scratch ? quantize_pairs(x, m, in, &a, scratch) : SG_QENOMEM;
         free(scratch);
     } else if (rc == SG_QOK) {
-        rc = sg_quantize_act(x, m, in, &a);
+        rc = quantize_act_pooled(p->ctx, x, m, in, &a);
     }
     int64_t col = 0;
     for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {

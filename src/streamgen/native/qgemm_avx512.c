@@ -118,41 +118,6 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
         for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
 }
 
-INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
-                 int64_t g0, int64_t g1) {
-    const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *group = w->data + g * group_bytes;
-        int64_t row = 0;
-        for (; row + ROW_TILE <= a->m; row += ROW_TILE)
-            group_rows(f, group, a, row, ROW_TILE, y, ldy, g * SG_GROUP_ROWS);
-        if (a->m - row >= 4) {
-            group_rows(f, group, a, row, 4, y, ldy, g * SG_GROUP_ROWS);
-            row += 4;
-        }
-        switch (a->m - row) {
-        case 3: group_rows(f, group, a, row, 3, y, ldy, g * SG_GROUP_ROWS); break;
-        case 2: group_rows(f, group, a, row, 2, y, ldy, g * SG_GROUP_ROWS); break;
-        case 1: group_rows(f, group, a, row, 1, y, ldy, g * SG_GROUP_ROWS); break;
-        default: break;
-        }
-    }
-}
+#include "qgemm_driver.h"
 
-#define SG_KERNEL(T)                                                                     \
-    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy, \
-                         int64_t g0, int64_t g1) {                                                  \
-        gemm(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                     \
-    }
-SG_KERNEL(Q4_0)
-SG_KERNEL(Q4_1)
-SG_KERNEL(Q5_0)
-SG_KERNEL(Q5_1)
-SG_KERNEL(Q8_0)
-SG_KERNEL(Q4_K)
-SG_KERNEL(Q5_K)
-SG_KERNEL(Q6_K)
-
-const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES] = {
-    gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K,
-};
+const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES] = SG_KERNEL_TABLE;

@@ -16,6 +16,7 @@
 #include "qgemm_kernels.h"
 
 #define INLINE static inline __attribute__((always_inline))
+enum { ROW_TILE = SG_ROW_TILE };
 
 INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int half, __m256i wq[8]) {
     const int64_t lane0 = 32 * half;
@@ -151,35 +152,4 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
     half_rows(f, group, a, row0, NR, 1, y, out, col0);
 }
 
-INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
-                 int64_t g0, int64_t g1) {
-    const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *group = w->data + g * group_bytes;
-        int64_t row = 0;
-        for (; row + SG_ROW_TILE <= a->m; row += SG_ROW_TILE)
-            group_rows(f, group, a, row, SG_ROW_TILE, y, ldy, g * SG_GROUP_ROWS);
-        switch (a->m - row) {
-        case 3: group_rows(f, group, a, row, 3, y, ldy, g * SG_GROUP_ROWS); break;
-        case 2: group_rows(f, group, a, row, 2, y, ldy, g * SG_GROUP_ROWS); break;
-        case 1: group_rows(f, group, a, row, 1, y, ldy, g * SG_GROUP_ROWS); break;
-        default: break;
-        }
-    }
-}
-
-#define SG_KERNEL(T)                                                                     \
-    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy, \
-                         int64_t g0, int64_t g1) {                                                  \
-        gemm(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                     \
-    }
-SG_KERNEL(Q4_0)
-SG_KERNEL(Q4_1)
-SG_KERNEL(Q5_0)
-SG_KERNEL(Q5_1)
-SG_KERNEL(Q8_0)
-SG_KERNEL(Q4_K)
-SG_KERNEL(Q5_K)
-SG_KERNEL(Q6_K)
-
-#define SG_KERNEL_TABLE {gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K}
+#include "qgemm_driver.h"

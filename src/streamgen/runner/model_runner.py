@@ -7,6 +7,8 @@ decide anything about scheduling or block ownership.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from streamgen.attention.backend import AttentionBackend
@@ -55,6 +57,8 @@ class ModelRunner:
         self.host_kv_cache = PagedKVCache(loaded.spec, host_config, loaded.dtype, "cpu")
         self.backend = create_backend(backend) if isinstance(backend, str) else backend
         self.sampler = sampler or Sampler(eos_token_ids=loaded.spec.eos_token_ids)
+        # Seconds in the model's forward and LM head (the kernels), summed over execute().
+        self.kernel_seconds = 0.0
         # CUDA graphs (runner/cuda_graph.py): captured decode steps, consulted by execute().
         self.graphs = (
             CudaGraphRunner(loaded.model, self.kv_cache, self.backend, cuda_graphs)
@@ -117,10 +121,13 @@ class ModelRunner:
         inputs = self.prepare(batch)
         if not batch.chunks:
             return RunnerOutput()
+        started = time.perf_counter()
         hidden = self.forward_hidden(inputs)
         if not inputs.sample_chunk_indices:
+            self.kernel_seconds += time.perf_counter() - started
             return RunnerOutput()
         logits = self.loaded.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
+        self.kernel_seconds += time.perf_counter() - started
         chunks = [batch.chunks[i] for i in inputs.sample_chunk_indices]
         if all(c.tree is None for c in chunks):
             return self._sample(logits, chunks)

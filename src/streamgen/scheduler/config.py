@@ -25,6 +25,10 @@ class SchedulerConfig:
             recomputes its tokens later; ``"swap"`` copies them to the host
             pool (falls back to recompute when the host pool is full).
         block_size: Tokens per KV block; must match the block manager's.
+        priority_aging_s: Opt-in aging: a waiting (or swapped) request's effective
+            priority rises by one for every this many seconds since it was queued or
+            preempted, so low priorities cannot starve under a stream of higher ones.
+            ``None``: strict priority order.
 
     Example:
         >>> SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4).block_size
@@ -36,6 +40,7 @@ class SchedulerConfig:
     long_prefill_chunk: int | None = None
     preemption_mode: PreemptionMode = "recompute"
     block_size: int = 16
+    priority_aging_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
@@ -50,3 +55,7 @@ class SchedulerConfig:
             raise ConfigError(
                 f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
             )
+        aging = self.priority_aging_s
+        if aging is not None and (isinstance(aging, bool) or not isinstance(aging, int | float)
+                                  or not 0 < aging < float("inf")):
+            raise ConfigError(f"priority_aging_s must be None or a positive number, got {aging!r}")

@@ -54,6 +54,7 @@ class Request:
     priority: int = 0
     credit: int = UNLIMITED_CREDIT
     arrival: int = 0
+    waiting_since: float = 0.0  # scheduler clock when last queued (priority aging)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -79,6 +80,12 @@ class Request:
     def order_key(self) -> tuple[int, int]:
         """Scheduling order: higher priority first, then earlier arrival."""
         return (-self.priority, self.arrival)
+
+    def effective_priority(self, now: float, aging_s: float | None) -> int:
+        """The priority plus one per ``aging_s`` seconds waited (queued requests only)."""
+        if aging_s is None:
+            return self.priority
+        return self.priority + int(max(0.0, now - self.waiting_since) // aging_s)
 
     def finish_check(
         self, token: int, eos_token_ids: frozenset[int], context_limit: int

@@ -24,12 +24,20 @@ step, and a request preempted in a step is not re-admitted in that step.
 Between equal priorities the earlier arrival always wins, so two
 equal-priority requests never take turns preempting each other.
 
+Opt-in aging (``SchedulerConfig.priority_aging_s``): a queued request competes with
+its priority plus one per ``priority_aging_s`` seconds since it was queued or last
+preempted (the scheduler's clock is injectable, so tests run on a fake one); off by
+default, so the strict order above is the default.
+
 Invariants: every live request is in exactly one of ``_running``,
 ``_waiting``, ``_swapped``; only running requests hold device blocks,
 only swapped ones hold host blocks; finished requests hold nothing.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from streamgen.errors import ConfigError, RequestError
 from streamgen.kv import BlockManager
@@ -75,6 +83,7 @@ class Scheduler:
         *,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] | list[int] | frozenset[int] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if block_manager.block_size != config.block_size:
             raise ConfigError(
@@ -99,6 +108,7 @@ class Scheduler:
         self._last_drafts: dict[str, tuple[int, int]] = {}
         self._next_arrival = 0
         self._num_preemptions = 0
+        self._clock = clock
 
     # ----- commands -------------------------------------------------------------
 
@@ -117,6 +127,7 @@ class Scheduler:
         request.prompt_token_ids = list(request.prompt_token_ids)
         request.arrival = self._next_arrival
         self._next_arrival += 1
+        request.waiting_since = self._clock()
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.finish_reason = None
@@ -198,13 +209,18 @@ class Scheduler:
             else:
                 self._schedule(req, num_new, step)
 
-        queued = sorted(self._swapped + self._waiting, key=Request.order_key)
+        now, aging = self._clock(), self.config.priority_aging_s
+        effective = {r.request_id: r.effective_priority(now, aging)
+                     for r in self._swapped + self._waiting}  # fmt: skip
+        queued = sorted(
+            self._swapped + self._waiting, key=lambda r: (-effective[r.request_id], r.arrival)
+        )
         for req in queued:
             if step.budget == 0:
                 break
             if req.credit <= 0 or req.request_id in step.preempted:
                 continue
-            if not self._admit(req, step):
+            if not self._admit(req, step, effective[req.request_id]):
                 break  # strict priority order: nothing lower jumps ahead
 
         self._last_scheduled = step.scheduled
@@ -316,12 +332,14 @@ class Scheduler:
             victim.status = RequestStatus.WAITING
             self._waiting.append(victim)
         victim.num_preemptions += 1
+        victim.waiting_since = self._clock()
         self._num_preemptions += 1
         step.preempted.add(rid)
         step.preempted_ids.append(rid)
 
-    def _admit(self, req: Request, step: StepState) -> bool:
-        """Swap in or start a queued request, preempting lower-priority work if needed."""
+    def _admit(self, req: Request, step: StepState, priority: int) -> bool:
+        """Swap in or start a queued request (at its effective ``priority``), preempting
+        lower-priority work if needed."""
         bm = self.block_manager
         while True:
             if len(self._running) < self.config.max_num_seqs:
@@ -339,7 +357,7 @@ class Scheduler:
                 r
                 for r in self._running
                 if r.request_id not in step.admitted
-                and (r.priority < req.priority or r.credit <= 0)
+                and (r.priority < priority or r.credit <= 0)
             ]
             if not victims or not blocks.could_fit(bm, req, victims, self.config):
                 return False

@@ -1,0 +1,52 @@
+/*
+ * The row-tile driver and the per-type entry points shared by the SIMD kernel files.
+ *
+ * The including file (qgemm_avx512.c, qgemm_x86_256.h) defines, before including this:
+ *   ROW_TILE     activation rows per register tile (8 or 4)
+ *   group_rows   (f, group, a, row0, NR, y, ldy, col0): one row group's 16 outputs for
+ *                rows [row0, row0 + NR), always inlined so NR is a constant
+ * and gets gemm() per type and SG_KERNEL_TABLE, the table of its entry points.
+ */
+#ifndef SG_QGEMM_DRIVER_H
+#define SG_QGEMM_DRIVER_H
+
+/* Row groups [g0, g1) of w for every activation row: full tiles, then a tile of 4 (on
+ * 8-row files), then the 1-3 rows left. */
+INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
+                 int64_t g0, int64_t g1) {
+    const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *group = w->data + g * group_bytes;
+        const int64_t col0 = g * SG_GROUP_ROWS;
+        int64_t row = 0;
+        for (; row + ROW_TILE <= a->m; row += ROW_TILE) group_rows(f, group, a, row, ROW_TILE, y, ldy, col0);
+        if (ROW_TILE > 4 && a->m - row >= 4) {
+            group_rows(f, group, a, row, 4, y, ldy, col0);
+            row += 4;
+        }
+        switch (a->m - row) {
+        case 3: group_rows(f, group, a, row, 3, y, ldy, col0); break;
+        case 2: group_rows(f, group, a, row, 2, y, ldy, col0); break;
+        case 1: group_rows(f, group, a, row, 1, y, ldy, col0); break;
+        default: break;
+        }
+    }
+}
+
+#define SG_KERNEL(T)                                                                        \
+    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,      \
+                         int64_t g0, int64_t g1) {                                          \
+        gemm(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                   \
+    }
+SG_KERNEL(Q4_0)
+SG_KERNEL(Q4_1)
+SG_KERNEL(Q5_0)
+SG_KERNEL(Q5_1)
+SG_KERNEL(Q8_0)
+SG_KERNEL(Q4_K)
+SG_KERNEL(Q5_K)
+SG_KERNEL(Q6_K)
+
+#define SG_KERNEL_TABLE {gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K}
+
+#endif
