@@ -46,6 +46,21 @@ def test_integer_part_is_exact(ctx: QuantContext, qtype: QuantType) -> None:
     np.testing.assert_array_equal(y, expected.T.astype(np.float32))
 
 
+@pytest.mark.parametrize("rows", (1, 3, 40))
+def test_activation_quantization_is_the_reference_rounding(ctx: QuantContext, rows: int) -> None:
+    """Every ISA's quantizer (pooled for big steps) against numpy, bit for bit, with
+    values on exact half steps (x = k + 0.5 with amax 127) that only half-to-even gets."""
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 96)) * 3).astype(np.float32)
+    x[:, 0] = 127.0
+    x[:, 1:9] = np.arange(-4, 4) + 0.5  # d = 1: exact halves
+    q, d, s16 = ctx.quantize_activations(torch.from_numpy(x))
+    ref_q, ref_d = quantize_activations(x)
+    np.testing.assert_array_equal(q.numpy(), ref_q)
+    np.testing.assert_array_equal(d.numpy(), ref_d)
+    np.testing.assert_array_equal(s16.numpy(), ref_q.astype(np.int64).reshape(rows, -1, 16).sum(2))
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
 def test_matches_reference_arithmetic(ctx: QuantContext, qtype: QuantType, rows: int) -> None:

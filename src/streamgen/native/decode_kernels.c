@@ -508,9 +508,13 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, float *scor
     const int64_t *table = st->block_tables + b * st->bt_stride;
     const int64_t first = seq_first + i0;
     const int64_t q_len = seq_q_len - i0 < ATTEND_ROWS ? seq_q_len - i0 : ATTEND_ROWS;
+    /* Causal: keys past the tile's last row are invisible to all its rows. Skipping them
+     * changes no bit (they would add exact zeros), and halves a prefill's attention. */
+    const int64_t last_key = prefix + i0 + q_len;
+    const int64_t nv = st->tree_mask == NULL && last_key < n ? last_key : n;
     /* scores[(i * num_heads + h) * n + key]: row i, query head h */
-    for (int64_t blk = 0, key = 0; key < n; blk++) {
-        const int64_t count = key + bs < n ? bs : n - key;
+    for (int64_t blk = 0, key = 0; key < nv; blk++) {
+        const int64_t count = key + bs < nv ? bs : nv - key;
         const float *kb = cache_block(a->k_cache, dt, table[blk] * bs * row_elems,
                                       count * row_elems, kbuf);
         for (int64_t i = 0; i < q_len; i++) {
@@ -527,14 +531,14 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, float *scor
     }
     for (int64_t r = 0; r < q_len * md->num_heads; r++) {
         float *sc = scores + r * n, mx = -INFINITY;
-        for (int64_t key = 0; key < n; key++) mx = sc[key] > mx ? sc[key] : mx;
-        const float inv = 1.0f / exp_shifted(sc, n, mx);
-        for (int64_t key = 0; key < n; key++) sc[key] *= inv;
+        for (int64_t key = 0; key < nv; key++) mx = sc[key] > mx ? sc[key] : mx;
+        const float inv = 1.0f / exp_shifted(sc, nv, mx);
+        for (int64_t key = 0; key < nv; key++) sc[key] *= inv;
     }
     for (int64_t i = 0; i < q_len; i++)
         memset(a->out + (first + i) * a->out_stride, 0, (size_t)(md->num_heads * D) * sizeof(float));
-    for (int64_t blk = 0, key = 0; key < n; blk++) {
-        const int64_t count = key + bs < n ? bs : n - key;
+    for (int64_t blk = 0, key = 0; key < nv; blk++) {
+        const int64_t count = key + bs < nv ? bs : nv - key;
         const int64_t off = table[blk] * bs * row_elems;
         const float *vb = cache_block(a->v_cache, dt, off, count * row_elems, kbuf);
         for (int64_t i = 0; i < q_len; i++) {

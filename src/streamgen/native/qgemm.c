@@ -17,14 +17,18 @@ enum { SG_QOK = 0, SG_QENOMEM = -1, SG_QEINVAL = -2 };
 
 
 /* One row of the table per ISA: its kernels and the CPU flags it needs. */
+static void quantize_rows_scalar(const float *x, int64_t m, int64_t in, sg_qact *a);
+
 static const struct {
     const sg_qgemm_fn *kernels;
+    sg_quantize_fn quantize;
     const char *name;
 } ISAS[SG_ISAS] = {
-    [SG_ISA_SCALAR] = {sg_qgemm_scalar, "scalar"},
-    [SG_ISA_AVX2] = {sg_qgemm_avx2, "avx2"},
-    [SG_ISA_AVXVNNI] = {sg_qgemm_avxvnni, "avxvnni"},
-    [SG_ISA_AVX512VNNI] = {sg_qgemm_avx512vnni, "avx512vnni"},
+    [SG_ISA_SCALAR] = {sg_qgemm_scalar, quantize_rows_scalar, "scalar"},
+    [SG_ISA_AVX2] = {sg_qgemm_avx2, sg_quantize_rows_avx2, "avx2"},
+    [SG_ISA_AVXVNNI] = {sg_qgemm_avxvnni, sg_quantize_rows_avxvnni, "avxvnni"},
+    /* AVX-512 CPUs have AVX2, not always AVX-VNNI: the AVX2 quantizer */
+    [SG_ISA_AVX512VNNI] = {sg_qgemm_avx512vnni, sg_quantize_rows_avx2, "avx512vnni"},
 };
 
 int sg_isa_supported(int32_t isa) {
@@ -74,7 +78,12 @@ int sg_quantize_act(const float *x, int64_t m, int64_t in, sg_qact *a) {
     return SG_QOK;
 }
 
+static void quantize_rows_scalar(const float *x, int64_t m, int64_t in, sg_qact *a) {
+    sg_quantize_act(x, m, in, a);
+}
+
 typedef struct {
+    sg_quantize_fn quantize;
     const float *x;
     int64_t m, in, rows_per_task;
     sg_qact *a;
@@ -87,19 +96,23 @@ static void quantize_task(void *ctx, int64_t task) {
     const int64_t in = job->in, blocks = in / SG_QBLOCK;
     sg_qact rows = {job->a->q + r0 * in, job->a->d + r0 * blocks, job->a->s16 + r0 * (in / 16),
                     r1 - r0, in, 0};
-    sg_quantize_act(job->x + r0 * in, r1 - r0, in, &rows);
+    job->quantize(job->x + r0 * in, r1 - r0, in, &rows);
 }
 
-/* sg_quantize_act on the pool, by row ranges (each row is quantized on its own, so the
- * result is the same as the serial one). */
-static int quantize_act_pooled(const sg_qctx *ctx, const float *x, int64_t m, int64_t in,
-                               sg_qact *a) {
-    sg_pool *pool = ctx ? ctx->pool : NULL;
-    if (!pool || m < 16 || sg_pool_threads(pool) < 2) return sg_quantize_act(x, m, in, a);
-    if (!x || !a || m < 0 || in % SG_QBLOCK) return SG_QEINVAL;
-    const int64_t tasks = sg_pool_threads(pool) * 2;
-    quantize_job job = {x, m, in, (m + tasks - 1) / tasks, a};
-    sg_pool_run(pool, quantize_task, &job, (m + job.rows_per_task - 1) / job.rows_per_task);
+/* sg_quantize_act with the context's ISA (the same values), on the pool by row ranges
+ * for big steps (each row is quantized on its own: the result does not change). */
+int sg_quantize_act_ctx(const sg_qctx *ctx, const float *x, int64_t m, int64_t in, sg_qact *a) {
+    if (!ctx || ctx->isa < 0 || ctx->isa >= SG_ISAS || !x || !a || m < 0 || in % SG_QBLOCK)
+        return SG_QEINVAL;
+    const sg_quantize_fn quantize = ISAS[ctx->isa].quantize;
+    sg_pool *pool = ctx->pool;
+    if (!pool || m < 16 || sg_pool_threads(pool) < 2) {
+        quantize(x, m, in, a);
+    } else {
+        const int64_t tasks = sg_pool_threads(pool) * 2;
+        quantize_job job = {quantize, x, m, in, (m + tasks - 1) / tasks, a};
+        sg_pool_run(pool, quantize_task, &job, (m + job.rows_per_task - 1) / job.rows_per_task);
+    }
     a->m = m, a->in = in, a->pairs = 0;
     return SG_QOK;
 }
@@ -212,7 +225,7 @@ int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, in
         rc = scratch ? quantize_pairs(x, m, in, &a, scratch) : SG_QENOMEM;
         free(scratch);
     } else if (rc == SG_QOK) {
-        rc = quantize_act_pooled(p->ctx, x, m, in, &a);
+        rc = sg_quantize_act_ctx(p->ctx, x, m, in, &a);
     }
     int64_t col = 0;
     for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {

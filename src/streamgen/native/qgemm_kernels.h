@@ -29,6 +29,11 @@ extern const sg_qgemm_fn sg_qgemm_avx2[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avxvnni[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
 
+/* Activation quantization of rows (the values of sg_quantize_act, vectorized). */
+typedef void (*sg_quantize_fn)(const float *x, int64_t m, int64_t in, sg_qact *a);
+void sg_quantize_rows_avx2(const float *x, int64_t m, int64_t in, sg_qact *a);
+void sg_quantize_rows_avxvnni(const float *x, int64_t m, int64_t in, sg_qact *a);
+
 /* Activation rows per register tile of the 256-bit kernels: each unpacked weight block
  * serves this many (the AVX-512 file sets its own). */
 enum { SG_ROW_TILE = 4 };

@@ -153,3 +153,46 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
 }
 
 #include "qgemm_driver.h"
+
+/* sg_quantize_act (qgemm.c) eight floats at a time, the same arithmetic: d = max|x| / 127,
+ * q = round-half-even(x * (1 / d)) clamped to +-127 (roundps is the rounding mode's
+ * nearest-even, as the scalar version's 1.5 * 2^23 trick), sums of q per 16. */
+static void quantize_rows(const float *x, int64_t m, int64_t in, sg_qact *a) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f);
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t blk = 0; blk < in / SG_QBLOCK; blk++) {
+            const float *xb = x + r * in + blk * SG_QBLOCK;
+            __m256 v[4], mx = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_loadu_ps(xb + 8 * j);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float d = _mm_cvtss_f32(h) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            const __m256 idv = _mm256_set1_ps(id);
+            __m256i qi[4];
+            for (int j = 0; j < 4; j++) {
+                __m256 q = _mm256_round_ps(_mm256_mul_ps(v[j], idv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q = _mm256_min_ps(_mm256_max_ps(q, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+                qi[j] = _mm256_cvtps_epi32(q);
+            }
+            /* int32 x 32 -> int8 x 32 in order: packs work per 128-bit lane, so permute back */
+            const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
+            __m256i b = _mm256_packs_epi16(w01, w23);
+            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(a->q + r * in + blk * SG_QBLOCK), b);
+            const __m256i s01 = _mm256_add_epi32(qi[0], qi[1]), s23 = _mm256_add_epi32(qi[2], qi[3]);
+            int32_t t[16];
+            _mm256_storeu_si256((__m256i *)t, s01);
+            _mm256_storeu_si256((__m256i *)(t + 8), s23);
+            int32_t s0 = 0, s1 = 0;
+            for (int k = 0; k < 8; k++) s0 += t[k], s1 += t[8 + k];
+            a->d[r * (in / SG_QBLOCK) + blk] = d;
+            a->s16[r * (in / 16) + blk * 2] = s0;
+            a->s16[r * (in / 16) + blk * 2 + 1] = s1;
+        }
+    }
+}

@@ -107,8 +107,10 @@ class _Library:
         self.pool_create.argtypes, self.pool_create.restype = [i32], vp
         self.pool_destroy = lib.sg_qpool_destroy
         self.pool_destroy.argtypes, self.pool_destroy.restype = [vp], None
-        self.quantize_act = lib.sg_quantize_act
-        self.quantize_act.argtypes = [vp, i64, i64, ctypes.POINTER(QActStruct)]
+        self.quantize_act = lib.sg_quantize_act_ctx
+        self.quantize_act.argtypes = [
+            ctypes.POINTER(QContextStruct), vp, i64, i64, ctypes.POINTER(QActStruct)
+        ]
         self.qgemm = lib.sg_qgemm
         self.qgemm.argtypes = [
             ctypes.POINTER(QContextStruct),
@@ -248,7 +250,9 @@ class QuantContext:
         d = torch.empty(m, n // 32, dtype=torch.float32)
         s16 = torch.empty(m, n // 16, dtype=torch.int32)
         act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
-        _check(self._lib.quantize_act(x.data_ptr(), m, n, ctypes.byref(act)), "quantize")
+        _check(self._lib.quantize_act(
+            ctypes.byref(self._struct), x.data_ptr(), m, n, ctypes.byref(act)
+        ), "quantize")
         return q, d, s16
 
     def gemm(
