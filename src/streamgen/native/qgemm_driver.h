@@ -5,7 +5,7 @@
  *   ROW_TILE     activation rows per register tile (8 or 4)
  *   group_rows   (f, group, a, row0, NR, y, ldy, col0): one row group's 16 outputs for
  *                rows [row0, row0 + NR), always inlined so NR is a constant
- * and gets gemm() per type and SG_KERNEL_TABLE, the table of its entry points.
+ * and gets gemm_<type>() entry points and SG_KERNEL_TABLE, their table.
  */
 #ifndef SG_QGEMM_DRIVER_H
 #define SG_QGEMM_DRIVER_H
@@ -33,20 +33,7 @@ INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, flo
     }
 }
 
-#define SG_KERNEL(T)                                                                        \
-    static void gemm_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,      \
-                         int64_t g0, int64_t g1) {                                          \
-        gemm(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                   \
-    }
-SG_KERNEL(Q4_0)
-SG_KERNEL(Q4_1)
-SG_KERNEL(Q5_0)
-SG_KERNEL(Q5_1)
-SG_KERNEL(Q8_0)
-SG_KERNEL(Q4_K)
-SG_KERNEL(Q5_K)
-SG_KERNEL(Q6_K)
-
-#define SG_KERNEL_TABLE {gemm_Q4_0, gemm_Q4_1, gemm_Q5_0, gemm_Q5_1, gemm_Q8_0, gemm_Q4_K, gemm_Q5_K, gemm_Q6_K}
+SG_DEFINE_KERNELS(gemm)
+#define SG_KERNEL_TABLE SG_KERNELS_OF(gemm)
 
 #endif

@@ -29,6 +29,22 @@ extern const sg_qgemm_fn sg_qgemm_avx2[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avxvnni[SG_QTYPES];
 extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
 
+/* The entry points of a kernel file, one per type, over its generic
+ * IMPL(const sg_qformat *, w, a, y, ldy, g0, g1) (inlined with a constant format, so each
+ * type gets its own specialised loop), and their table in enum sg_qtype order. */
+#define SG_TYPE_ENTRY(IMPL, T)                                                             \
+    static void IMPL##_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,   \
+                           int64_t g0, int64_t g1) {                                       \
+        IMPL(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                  \
+    }
+#define SG_DEFINE_KERNELS(IMPL)                                                            \
+    SG_TYPE_ENTRY(IMPL, Q4_0) SG_TYPE_ENTRY(IMPL, Q4_1) SG_TYPE_ENTRY(IMPL, Q5_0)          \
+    SG_TYPE_ENTRY(IMPL, Q5_1) SG_TYPE_ENTRY(IMPL, Q8_0) SG_TYPE_ENTRY(IMPL, Q4_K)          \
+    SG_TYPE_ENTRY(IMPL, Q5_K) SG_TYPE_ENTRY(IMPL, Q6_K)
+#define SG_KERNELS_OF(IMPL)                                                                \
+    {IMPL##_Q4_0, IMPL##_Q4_1, IMPL##_Q5_0, IMPL##_Q5_1,                                   \
+     IMPL##_Q8_0, IMPL##_Q4_K, IMPL##_Q5_K, IMPL##_Q6_K}
+
 /* Activation quantization of rows (the values of sg_quantize_act, vectorized). */
 typedef void (*sg_quantize_fn)(const float *x, int64_t m, int64_t in, sg_qact *a);
 void sg_quantize_rows_avx2(const float *x, int64_t m, int64_t in, sg_qact *a);

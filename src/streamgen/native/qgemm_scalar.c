@@ -41,21 +41,6 @@ static void gemm_scalar(const sg_qformat *f, const sg_qweight *w, const sg_qact 
     }
 }
 
-#define SG_SCALAR_KERNEL(T)                                                                   \
-    static void gemm_scalar_##T(const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy, \
-                                int64_t g0, int64_t g1) {                                    \
-        gemm_scalar(&SG_QFORMATS[SG_##T], w, a, y, ldy, g0, g1);                                   \
-    }
-SG_SCALAR_KERNEL(Q4_0)
-SG_SCALAR_KERNEL(Q4_1)
-SG_SCALAR_KERNEL(Q5_0)
-SG_SCALAR_KERNEL(Q5_1)
-SG_SCALAR_KERNEL(Q8_0)
-SG_SCALAR_KERNEL(Q4_K)
-SG_SCALAR_KERNEL(Q5_K)
-SG_SCALAR_KERNEL(Q6_K)
+SG_DEFINE_KERNELS(gemm_scalar)
 
-const sg_qgemm_fn sg_qgemm_scalar[SG_QTYPES] = {
-    gemm_scalar_Q4_0, gemm_scalar_Q4_1, gemm_scalar_Q5_0, gemm_scalar_Q5_1,
-    gemm_scalar_Q8_0, gemm_scalar_Q4_K, gemm_scalar_Q5_K, gemm_scalar_Q6_K,
-};
+const sg_qgemm_fn sg_qgemm_scalar[SG_QTYPES] = SG_KERNELS_OF(gemm_scalar);
