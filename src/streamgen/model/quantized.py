@@ -65,27 +65,10 @@ class PackedLinear:
         return sum(p.nbytes for p in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [m, in] f32 -> [m, out] f32
-        x = x.float().contiguous()
-        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        code = self.ctx._lib.qlinear_parts(
-            ctypes.byref(self.struct), x.data_ptr(), x.shape[0], y.data_ptr(), self.out_features
-        )
-        if code != 0:
-            raise RuntimeError(f"native quantized linear failed ({code})")
-        return y
+        return self.ctx.linear_parts(self.struct, x, self.out_features)
 
-    def dequantize(self) -> torch.Tensor:  # [out, in] f32, with the bias rows' weights
+    def dequantize(self) -> torch.Tensor:  # [out, in] f32: the layer's weight values, exactly
         return torch.cat([self.ctx.dequantize(p) for p in self.parts])
-
-    def bias(self) -> torch.Tensor | None:  # [out] f32
-        if all(p.bias is None for p in self.parts):
-            return None
-        return torch.cat(
-            [
-                torch.zeros(p.out_features) if p.bias is None else p.bias[: p.out_features]
-                for p in self.parts
-            ]
-        )
 
 
 class QuantizedEmbedding(nn.Module):

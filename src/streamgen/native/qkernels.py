@@ -109,7 +109,11 @@ class _Library:
         self.pool_destroy.argtypes, self.pool_destroy.restype = [vp], None
         self.quantize_act = lib.sg_quantize_act_ctx
         self.quantize_act.argtypes = [
-            ctypes.POINTER(QContextStruct), vp, i64, i64, ctypes.POINTER(QActStruct)
+            ctypes.POINTER(QContextStruct),
+            vp,
+            i64,
+            i64,
+            ctypes.POINTER(QActStruct),
         ]
         self.qgemm = lib.sg_qgemm
         self.qgemm.argtypes = [
@@ -239,6 +243,21 @@ class QuantContext:
         )
         return y if weight.padded_out == weight.out_features else y[:, : weight.out_features]
 
+    def linear_parts(
+        self, parts: ctypes.Structure, x: torch.Tensor, out_features: int
+    ) -> torch.Tensor:
+        """``sg_qlinear_parts``: ``x [m, in]`` f32 through a fused layer's parts (an
+        ``sg_qparts`` struct, model/quantized.py) -> ``[m, out_features]`` f32."""
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        _check(
+            self._lib.qlinear_parts(
+                ctypes.byref(parts), x.data_ptr(), x.shape[0], y.data_ptr(), out_features
+            ),
+            "quantized linear",
+        )
+        return y
+
     def quantize_activations(
         self, x: torch.Tensor
     ) -> tuple[
@@ -250,9 +269,12 @@ class QuantContext:
         d = torch.empty(m, n // 32, dtype=torch.float32)
         s16 = torch.empty(m, n // 16, dtype=torch.int32)
         act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
-        _check(self._lib.quantize_act(
-            ctypes.byref(self._struct), x.data_ptr(), m, n, ctypes.byref(act)
-        ), "quantize")
+        _check(
+            self._lib.quantize_act(
+                ctypes.byref(self._struct), x.data_ptr(), m, n, ctypes.byref(act)
+            ),
+            "quantize",
+        )
         return q, d, s16
 
     def gemm(
