@@ -181,7 +181,7 @@ def _default_gguf(opts: RunOptions) -> str | None:
     """The default model's GGUF when llama.cpp will run on it (fetched only then)."""
     if opts.gguf or opts.model or "llamacpp" not in opts.systems or not llama_cpp_installed():
         return opts.gguf
-    from bench.gguf import default_gguf_path
+    from streamgen.checkpoint import default_gguf_path  # kept in the default model's cache
 
     return str(default_gguf_path())
 

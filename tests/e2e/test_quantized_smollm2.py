@@ -228,3 +228,13 @@ async def test_stats_split_the_step_into_kernels_and_host_work(quantized) -> Non
     assert 0 < split["kernel_s"] < split["total_s"]
     assert split["host_s"] == pytest.approx(split["total_s"] - split["kernel_s"])
     assert split["host_ms_per_step"] > 0
+
+
+def test_a_gguf_served_dense_equals_the_dense_conversion(gguf_path: Path, dense) -> None:
+    """quantization=None on a GGUF: the file's values dequantized exactly, through the same
+    dense assembly as an HF directory."""
+    from_gguf = load_model(gguf_path, quantization=None, load_tokenizer=False)
+    ours = dict(from_gguf.model.named_parameters())
+    for name, param in dense.model.named_parameters():
+        assert torch.equal(ours[name], param), name
+    assert from_gguf.dtype == torch.float32 and from_gguf.model.native_decoder is not None

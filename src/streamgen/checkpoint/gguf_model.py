@@ -30,19 +30,19 @@ import torch
 
 from streamgen.checkpoint.cache import streamgen_home
 from streamgen.checkpoint.gguf_file import read_gguf_file
-from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, packed_weight, unpack
+from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, Unpacked, packed_weight, unpack
 from streamgen.errors import ModelLoadError, UnsupportedModelError
 from streamgen.native.qkernels import PackedWeight
 
 DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
 # streamgen module -> the GGUF tensors (per layer, fused in this order).
-_LAYER_PARTS = {
+LAYER_PARTS = {
     "self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
     "self_attn.o_proj": ("attn_output",),
     "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
     "mlp.down_proj": ("ffn_down",),
 }
-_LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 Weight = tuple[PackedWeight, ...] | torch.Tensor
 
@@ -63,8 +63,9 @@ def is_gguf_file(path: str | Path) -> bool:
     return candidate.is_file() and candidate.suffix.lower() == ".gguf"
 
 
-def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
-    """Read ``path``: the header checked, the metadata directory, then every tensor repacked."""
+def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
+    """Read ``path``: the header checked, the metadata directory, then every tensor repacked
+    (``dense``: every weight dequantized to float32 instead, the same values exactly)."""
     from streamgen.checkpoint.gguf_convert import SUPPORTED_ARCHITECTURE
 
     header = read_gguf_file(path)
@@ -84,7 +85,7 @@ def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
 
     num_heads = meta_int("attention.head_count")
     num_kv_heads = meta_int("attention.head_count_kv", num_heads)
-    layers = meta_int("block_count") if num_layers is None else num_layers
+    layers = meta_int("block_count")
     hidden, inter = meta_int("embedding_length"), meta_int("feed_forward_length")
     tensors = header.tensors
     if num_heads <= 0 or hidden % num_heads or num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -123,7 +124,7 @@ def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
     for i in range(layers):
         for part, out in expected_out.items():
             check_shape(f"blk.{i}.{part}.weight", (out, expected_in.get(part, hidden)))
-        for norm in _LAYER_NORMS.values():
+        for norm in LAYER_NORMS.values():
             check_shape(f"blk.{i}.{norm}.weight", (hidden,))
     for t in tensors.values():
         kind = t.type_name
@@ -132,12 +133,13 @@ def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
                 f"{path.name}: tensor {t.name} has type {kind}; supported: "
                 f"{sorted(BY_GGML_NAME) + sorted(DENSE_TYPES)}"
             )
+        if (t.name.endswith(".bias") or "norm" in t.name) and kind not in DENSE_TYPES:
+            raise UnsupportedModelError(f"{path.name}: tensor {t.name} is quantized ({kind})")
 
     # Pass 2: the config and tokenizer (written once), then repack.
     metadata_dir = _metadata_dir(path)
 
-
-    def read(name: str, rotary_heads: int = 0) -> PackedWeight | np.ndarray:
+    def read(name: str, rotary_heads: int = 0) -> Unpacked | np.ndarray:
         t = tensor(name)
         out = int(t.shape[-1]) if len(t.shape) > 1 else int(t.shape[0])
         order = None
@@ -155,19 +157,27 @@ def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
             return np.ascontiguousarray(values if order is None else values[order])
         if order is not None:
             raw = raw[order]
-        return packed_weight(unpack(np.asarray(raw), BY_GGML_NAME[t.type_name], int(t.shape[0])))
+        return unpack(np.asarray(raw), BY_GGML_NAME[t.type_name], int(t.shape[0]))
+
+    def weight(parts: list[Unpacked | np.ndarray]) -> Weight:
+        """Packed parts where every part is quantized and all but the last fill whole row
+        groups (and not ``dense``); otherwise one float32 tensor of the exact values."""
+        fit = all(u.q.shape[0] % 16 == 0 for u in parts[:-1] if isinstance(u, Unpacked))
+        if not dense and fit and all(isinstance(u, Unpacked) for u in parts):
+            return tuple(packed_weight(u) for u in parts if isinstance(u, Unpacked))
+        values = [u.dequantize() if isinstance(u, Unpacked) else u for u in parts]
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(values)))
 
     weights: dict[str, Weight] = {}
     biases: dict[str, torch.Tensor] = {}
-    embed = read("token_embd.weight")
-    weights["embed_tokens"] = _as_weight([embed])
+    weights["embed_tokens"] = weight([read("token_embd.weight")])
     if "output.weight" in tensors:
-        weights["lm_head"] = _as_weight([read("output.weight")])
+        weights["lm_head"] = weight([read("output.weight")])
     weights["norm"] = _dense(read("output_norm.weight"))
     rotary = {"attn_q": num_heads, "attn_k": num_kv_heads}
     for i in range(layers):
-        for module, parts in _LAYER_PARTS.items():
-            weights[f"layers.{i}.{module}"] = _as_weight(
+        for module, parts in LAYER_PARTS.items():
+            weights[f"layers.{i}.{module}"] = weight(
                 [read(f"blk.{i}.{p}.weight", rotary.get(p, 0)) for p in parts]
             )
             bias_names = [f"blk.{i}.{p}.bias" for p in parts]
@@ -178,30 +188,14 @@ def read_gguf(path: Path, *, num_layers: int | None = None) -> GGUFCheckpoint:
                         for b, p in zip(bias_names, parts, strict=True)
                     ]
                 )
-        for module, norm in _LAYER_NORMS.items():
+        for module, norm in LAYER_NORMS.items():
             weights[f"layers.{i}.{module}"] = _dense(read(f"blk.{i}.{norm}.weight"))
     return GGUFCheckpoint(path, metadata_dir, weights, biases)
 
 
-def _dense(value: PackedWeight | np.ndarray) -> torch.Tensor:
-    if isinstance(value, PackedWeight):
-        raise ModelLoadError("a norm or bias tensor is quantized")
+def _dense(value: Unpacked | np.ndarray) -> torch.Tensor:  # norms and biases (checked dense)
+    assert not isinstance(value, Unpacked)
     return torch.from_numpy(np.array(value, dtype=np.float32))
-
-
-def _as_weight(parts: list[PackedWeight | np.ndarray]) -> Weight:
-    """Packed parts where every part is quantized and all but the last fill whole row
-    groups; otherwise one dense float32 tensor (dequantized exactly)."""
-    packed = [p for p in parts if isinstance(p, PackedWeight)]
-    if len(packed) == len(parts) and all(p.out_features % 16 == 0 for p in packed[:-1]):
-        return tuple(packed)
-    from streamgen.native.qkernels import QuantContext
-
-    ctx = QuantContext.create(threads=1)
-    dense = [
-        ctx.dequantize(p) if isinstance(p, PackedWeight) else torch.from_numpy(p) for p in parts
-    ]
-    return torch.cat(dense)
 
 
 def _metadata_dir(path: Path) -> Path:

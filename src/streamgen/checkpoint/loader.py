@@ -135,7 +135,7 @@ def _load_gguf(
     threads: int | None,
     activation_bits: int,
 ) -> LoadedModel:
-    from streamgen.checkpoint.gguf_model import Weight, read_gguf
+    from streamgen.checkpoint.gguf_model import read_gguf
     from streamgen.checkpoint.quantized_model import build_quantized_model
 
     if quantization not in ("auto", "gguf", None):
@@ -143,28 +143,21 @@ def _load_gguf(
             f"quantization={quantization!r} re-quantizes a dense checkpoint; a GGUF file "
             "is served in its own types ('gguf') or dense (None)"
         )
-    ckpt = read_gguf(path)
+    dense = quantization is None  # the same values, dequantized exactly, in `dtype`
+    ckpt = read_gguf(path, dense=dense)
     spec = ModelSpec.from_hf_config(_load_hf_config(ckpt.metadata_dir))
-    ctx = _quantized_context(torch.device("cpu"), threads)
-    if quantization is None:  # dense: the same values, dequantized exactly
-        weights: dict[str, Weight] = {
-            name: (torch.cat([ctx.dequantize(p) for p in w]) if isinstance(w, tuple) else w)
-            for name, w in ckpt.weights.items()
-        }
-        ckpt = type(ckpt)(ckpt.path, ckpt.metadata_dir, weights, ckpt.biases)
-    kernels = native_kernels() if device.type == "cpu" else None
-    model = build_quantized_model(
-        spec, ckpt.weights, ckpt.biases, ctx, kernels, activation_bits=activation_bits
-    )
-    if quantization is None:
-        model = model.to(device=device, dtype=dtype)
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.set_weight(module.weight.data, None, upcast_min_rows(dtype, device))
-                module.enable_native(kernels)
+    if dense:
+        state = {f"{name}.weight": w for name, w in ckpt.weights.items()}
+        state |= {f"{name}.bias": b for name, b in ckpt.biases.items()}
+        model = _dense_model(spec, state, dtype, device)  # type: ignore[arg-type]
     else:
+        ctx = _quantized_context(device, threads)
+        kernels = native_kernels()
+        model = build_quantized_model(
+            spec, ckpt.weights, ckpt.biases, ctx, kernels, activation_bits=activation_bits
+        )
+        _finish(model, spec, kernels, device)
         dtype = torch.float32
-    _finish(model, spec, kernels, device)
     tokenizer = _load_tokenizer(ckpt.metadata_dir) if load_tokenizer else None
     return LoadedModel(path, spec, model, tokenizer, dtype)
 
@@ -235,10 +228,19 @@ def _load_tokenizer(checkpoint_dir: Path) -> Any:
 def _build_model(
     spec: ModelSpec, checkpoint_dir: Path, dtype: torch.dtype, device: torch.device
 ) -> LlamaModel:
-    with torch.device("meta"):
-        model = LlamaModel(spec)
     with CheckpointTensors.open(checkpoint_dir) as tensors:
         state = _fused_state_dict(spec, tensors, dtype, device)
+    return _dense_model(spec, state, dtype, device)
+
+
+def _dense_model(
+    spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> LlamaModel:
+    """The runtime model over a fused dense state dict (``layers.0.self_attn.qkv_proj.weight``,
+    ...), in each device's weight layout."""
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    with torch.device("meta"):
+        model = LlamaModel(spec)
     if spec.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from streamgen.checkpoint.gguf_model import Weight
+from streamgen.checkpoint.gguf_model import LAYER_NORMS, LAYER_PARTS, Weight
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, packed_weight, unpack
 from streamgen.checkpoint.quantization import QUANTIZE_AT_LOAD
 from streamgen.errors import ConfigError
@@ -22,7 +22,8 @@ from streamgen.model.rope import rope_inv_freq
 from streamgen.native.kernels import NativeKernels
 from streamgen.native.qkernels import PackedWeight, QuantContext
 
-_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_LINEARS = tuple(LAYER_PARTS)
+_NORMS = tuple(LAYER_NORMS)
 
 
 def quantize_state(
@@ -51,7 +52,7 @@ def quantize_state(
     for i in range(spec.num_layers):
         for name in _LINEARS:
             weights[f"layers.{i}.{name}"] = packed(state[f"layers.{i}.{name}.weight"])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in _NORMS:
             weights[f"layers.{i}.{norm}"] = state[f"layers.{i}.{norm}.weight"].float()
     return weights
 
@@ -89,7 +90,7 @@ def build_quantized_model(
                 layer.get_submodule(name), weights[key], biases.get(key), ctx, kernels,
                 residual_activations=wide,
             )
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in _NORMS:
             layer.get_submodule(norm).weight = torch.nn.Parameter(
                 _dense(weights[f"layers.{i}.{norm}"]), requires_grad=False
             )

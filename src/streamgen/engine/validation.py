@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown
+from streamgen.engine.metrics import RequestMetrics
 from streamgen.errors import InvalidPromptError, RequestError
+from streamgen.scheduler import Request
 
 MAX_PRIORITY = 2**31 - 1  # priorities are plain ints; this bound keeps them machine-sized
 
@@ -71,10 +74,6 @@ def command_problem(item: object) -> tuple[str, str | None] | None:
     The core thread takes only what the frontend builds, but it checks again: a
     malformed command is dropped and reported, never raised inside the step loop.
     """
-    from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown
-    from streamgen.engine.metrics import RequestMetrics
-    from streamgen.scheduler import Request
-
     if isinstance(item, tuple):
         if len(item) != 2 or not isinstance(item[0], Request) or not isinstance(
             item[1], RequestMetrics

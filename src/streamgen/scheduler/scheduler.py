@@ -209,18 +209,19 @@ class Scheduler:
             else:
                 self._schedule(req, num_new, step)
 
-        now, aging = self._clock(), self.config.priority_aging_s
-        effective = {r.request_id: r.effective_priority(now, aging)
-                     for r in self._swapped + self._waiting}  # fmt: skip
-        queued = sorted(
-            self._swapped + self._waiting, key=lambda r: (-effective[r.request_id], r.arrival)
-        )
+        aging = self.config.priority_aging_s
+        now = self._clock() if aging is not None else 0.0
+
+        def priority(r: Request) -> int:
+            return r.effective_priority(now, aging)
+
+        queued = sorted(self._swapped + self._waiting, key=lambda r: (-priority(r), r.arrival))
         for req in queued:
             if step.budget == 0:
                 break
             if req.credit <= 0 or req.request_id in step.preempted:
                 continue
-            if not self._admit(req, step, effective[req.request_id]):
+            if not self._admit(req, step, priority(req)):
                 break  # strict priority order: nothing lower jumps ahead
 
         self._last_scheduled = step.scheduled
