@@ -96,8 +96,15 @@ def load_model(
 
         path = default_gguf_path()
     if path is not None and is_gguf_file(path):
-        return _load_gguf(Path(path).expanduser(), quantization, torch_dtype, torch_device,
-                          load_tokenizer, threads, activation_bits)
+        return _load_gguf(
+            Path(path).expanduser(),
+            quantization,
+            torch_dtype,
+            torch_device,
+            load_tokenizer,
+            threads,
+            activation_bits,
+        )
     if quantization == "gguf":
         raise ConfigError(f"quantization='gguf' needs a .gguf file, got {path!r}")
     checkpoint_dir = _resolve_path(path)
@@ -175,10 +182,8 @@ def _quantize_at_load(
     ctx = _quantized_context(device, threads)
     with CheckpointTensors.open(checkpoint_dir) as tensors:
         state = _fused_state_dict(spec, tensors, torch.float32, torch.device("cpu"))
-    biases = {
-        key[: -len(".bias")]: value for key, value in state.items() if key.endswith(".bias")
-    }
-    weights = quantize_state(state, spec, scheme)
+    biases = {key[: -len(".bias")]: value for key, value in state.items() if key.endswith(".bias")}
+    weights = quantize_state(state, spec, scheme, ctx)
     kernels = native_kernels()
     model = build_quantized_model(
         spec, weights, biases, ctx, kernels, activation_bits=activation_bits
@@ -187,9 +192,7 @@ def _quantize_at_load(
     return model
 
 
-def _finish(
-    model: LlamaModel, spec: ModelSpec, kernels: Any, device: torch.device
-) -> None:
+def _finish(model: LlamaModel, spec: ModelSpec, kernels: Any, device: torch.device) -> None:
     model.native_decoder = NativeDecoder.for_model(model, kernels)
     model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
     model.eval()
@@ -251,8 +254,10 @@ def _dense_model(
     for module in model.modules():
         if isinstance(module, Linear):
             out_features, in_features = module.weight.shape
-            splits = None if kernels is not None else column_splits(
-                out_features, in_features, dtype, device, threads
+            splits = (
+                None
+                if kernels is not None
+                else column_splits(out_features, in_features, dtype, device, threads)
             )
             module.set_weight(module.weight, splits, upcast_min_rows(dtype, device))
             module.enable_native(kernels)

@@ -1,18 +1,21 @@
 """Build the runtime model over quantized weights: from a GGUF file's own types, or by
 quantizing a dense checkpoint at load (``EngineConfig(quantization="q8_0")``).
 
-Quantize-at-load uses the ``gguf`` package's quantizers, which round as llama.cpp's
-reference code does, so a checkpoint quantized here holds the same values as the same
-checkpoint converted to that type by llama.cpp's tools.
+Quantize-at-load rounds as llama.cpp's reference quantizers do (the ``gguf`` package's
+for the legacy types, ``native/kquant.c`` for Q4_K), so a checkpoint quantized here
+holds the same values as the same checkpoint converted by ``llama-quantize`` without an
+importance matrix. As there, a tensor whose rows do not split into 256-value blocks
+falls back to Q5_0.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from streamgen.checkpoint.gguf_model import LAYER_NORMS, LAYER_PARTS, Weight
-from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, packed_weight, unpack
-from streamgen.checkpoint.quantization import QUANTIZE_AT_LOAD
+from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, FORMATS, packed_weight, unpack
+from streamgen.checkpoint.quantization import FALLBACK_TYPE, QUANTIZE_AT_LOAD
 from streamgen.errors import ConfigError
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
@@ -20,28 +23,46 @@ from streamgen.model.llama import LlamaModel
 from streamgen.model.quantized import PackedLinear, QuantizedEmbedding
 from streamgen.model.rope import rope_inv_freq
 from streamgen.native.kernels import NativeKernels
-from streamgen.native.qkernels import PackedWeight, QuantContext
+from streamgen.native.qkernels import QuantContext
 
 _LINEARS = tuple(LAYER_PARTS)
 _NORMS = tuple(LAYER_NORMS)
 
 
-def quantize_state(
-    state: dict[str, torch.Tensor], spec: ModelSpec, scheme: str
-) -> dict[str, Weight]:
-    """A fused dense state dict (``layers.0.self_attn.qkv_proj.weight``, ...) -> weights
-    in ``scheme`` (linear layers and embeddings; norms stay float32)."""
-    import numpy as np
+def quantize_tensor(values: np.ndarray, ggml_name: str, ctx: QuantContext) -> np.ndarray:
+    """``values [out, in]`` f32 -> the GGUF bytes ``[out, row bytes]`` of type ``ggml_name``."""
+    if ggml_name == "Q4_K":
+        return ctx.quantize_q4_k(values)
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    ggml = GGMLQuantizationType[QUANTIZE_AT_LOAD[scheme]]
-    qtype = BY_GGML_NAME[QUANTIZE_AT_LOAD[scheme]]
+    raw: np.ndarray = quantize(values, GGMLQuantizationType[ggml_name])
+    return raw
 
-    def packed(tensor: torch.Tensor) -> tuple[PackedWeight, ...]:
+
+def tensor_type(ggml_name: str, in_features: int) -> str | None:
+    """The type a tensor with rows of ``in_features`` takes when ``ggml_name`` is asked
+    for (llama.cpp's fallback where the rows do not fit), or None: it stays dense."""
+    fmt = FORMATS[BY_GGML_NAME[ggml_name]]
+    if in_features % fmt.tile_inputs:
+        fallback = FALLBACK_TYPE.get(ggml_name)
+        return None if fallback is None else tensor_type(fallback, in_features)
+    return ggml_name
+
+
+def quantize_state(
+    state: dict[str, torch.Tensor], spec: ModelSpec, scheme: str, ctx: QuantContext
+) -> dict[str, Weight]:
+    """A fused dense state dict (``layers.0.self_attn.qkv_proj.weight``, ...) -> weights
+    in ``scheme`` (linear layers and embeddings; norms stay float32)."""
+
+    def packed(tensor: torch.Tensor) -> Weight:
         values = np.ascontiguousarray(tensor.detach().float().numpy())
-        raw = quantize(values, ggml)
-        return (packed_weight(unpack(raw, qtype, values.shape[1])),)
+        ggml_name = tensor_type(QUANTIZE_AT_LOAD[scheme], values.shape[1])
+        if ggml_name is None:
+            return tensor.detach().float()
+        raw = quantize_tensor(values, ggml_name, ctx)
+        return (packed_weight(unpack(raw, BY_GGML_NAME[ggml_name], values.shape[1])),)
 
     weights: dict[str, Weight] = {
         "embed_tokens": packed(state["embed_tokens.weight"]),
@@ -87,7 +108,11 @@ def build_quantized_model(
         for name in _LINEARS:
             key = f"layers.{i}.{name}"
             _install(
-                layer.get_submodule(name), weights[key], biases.get(key), ctx, kernels,
+                layer.get_submodule(name),
+                weights[key],
+                biases.get(key),
+                ctx,
+                kernels,
                 residual_activations=wide,
             )
         for norm in _NORMS:

@@ -30,8 +30,10 @@ class EngineConfig:
     threads: int | None = None
     # "auto": a GGUF file (and the default model) in its own quantized types, a dense
     # checkpoint dense; None: dense weights in `dtype` (exact against HF transformers);
-    # "gguf": a GGUF's own types; "q8_0" / "q4_0" / "q4_1" / "q5_0" / "q5_1": quantize a
-    # dense checkpoint at load (llama.cpp's rounding). Quantized weights compute in fp32.
+    # "gguf": a GGUF's own types; "q8_0" / "q4_0" / "q4_1" / "q5_0" / "q5_1" / "q4_k":
+    # quantize a dense checkpoint at load (llama.cpp's rounding; a tensor whose rows do not
+    # split into Q4_K's 256-value blocks falls back to Q5_0, as llama-quantize does).
+    # Quantized weights compute in fp32.
     quantization: str | None = "auto"
     # Quantized weights: 8 = int8 activations per 32 inputs (llama.cpp's arithmetic);
     # 16 = two int8 roundings (the residual too): ~20% slower at batch 1, as close to the
@@ -70,9 +72,12 @@ class EngineConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        for name, opt in (("num_kv_blocks", self.num_kv_blocks), ("threads", self.threads),
-                          ("max_model_len", self.max_model_len),
-                          ("long_prefill_chunk", self.long_prefill_chunk)):
+        for name, opt in (
+            ("num_kv_blocks", self.num_kv_blocks),
+            ("threads", self.threads),
+            ("max_model_len", self.max_model_len),
+            ("long_prefill_chunk", self.long_prefill_chunk),
+        ):
             if opt is not None and (not isinstance(opt, int) or isinstance(opt, bool) or opt < 1):
                 raise ConfigError(f"{name} must be None or a positive int, got {opt!r}")
         if str(self.dtype).removeprefix("torch.") not in _DTYPES:  # a name or a torch dtype
@@ -82,38 +87,46 @@ class EngineConfig:
         backends = ("auto", *available_backends())
         if not isinstance(self.attention_backend, str) or self.attention_backend not in backends:
             raise ConfigError(
-                f"attention_backend must be one of {list(backends)}, "
-                f"got {self.attention_backend!r}"
+                f"attention_backend must be one of {list(backends)}, got {self.attention_backend!r}"
             )
-        for name, flag in (("enable_prefix_caching", self.enable_prefix_caching),
-                           ("cuda_graphs", self.cuda_graphs)):
+        for name, flag in (
+            ("enable_prefix_caching", self.enable_prefix_caching),
+            ("cuda_graphs", self.cuda_graphs),
+        ):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name} must be a bool, got {flag!r}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
             or not -(2**63) <= self.seed < 2**64
         ):  # what the engine's generator takes as a seed
-            raise ConfigError(
-                f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}"
-            )
+            raise ConfigError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
         aging = self.priority_aging_s
         if aging is not None and (
-            isinstance(aging, bool) or not isinstance(aging, int | float) or not aging > 0
+            isinstance(aging, bool)
+            or not isinstance(aging, int | float)
+            or not aging > 0
             or aging == float("inf")
         ):
             raise ConfigError(f"priority_aging_s must be None or a positive number, got {aging!r}")
         from streamgen.checkpoint.quantization import check_quantization
 
         check_quantization(self.quantization, self.activation_bits)
-        if (isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int)
-                or self.num_host_blocks < 0):
+        if (
+            isinstance(self.num_host_blocks, bool)
+            or not isinstance(self.num_host_blocks, int)
+            or self.num_host_blocks < 0
+        ):
             raise ConfigError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
         if self.preemption_mode not in ("recompute", "swap"):
-            raise ConfigError(f"preemption_mode must be 'recompute' or 'swap', "
-                              f"got {self.preemption_mode!r}")
+            raise ConfigError(
+                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+            )
         if self.speculation is not None and not isinstance(self.speculation, SpeculationConfig):
-            raise ConfigError(f"speculation must be a SpeculationConfig or None, "
-                              f"got {type(self.speculation).__name__}")
+            raise ConfigError(
+                f"speculation must be a SpeculationConfig or None, "
+                f"got {type(self.speculation).__name__}"
+            )
         if self.preemption_mode == "swap" and self.num_host_blocks == 0:
             raise ConfigError("preemption_mode='swap' needs num_host_blocks > 0")
 
@@ -121,11 +134,13 @@ class EngineConfig:
     def preset(cls, name: str, **overrides: Any) -> EngineConfig:
         """``"low_latency" | "balanced" | "high_throughput"``, overridable field by field."""
         presets: dict[str, dict[str, Any]] = {
-            "low_latency": dict(max_num_batched_tokens=256, max_num_seqs=8, stream_buffer=4,
-                                cuda_graphs=True),
+            "low_latency": dict(
+                max_num_batched_tokens=256, max_num_seqs=8, stream_buffer=4, cuda_graphs=True
+            ),
             "balanced": dict(max_num_batched_tokens=512, max_num_seqs=64, cuda_graphs=True),
-            "high_throughput": dict(max_num_batched_tokens=2048, max_num_seqs=256,
-                                    stream_buffer=64),
+            "high_throughput": dict(
+                max_num_batched_tokens=2048, max_num_seqs=256, stream_buffer=64
+            ),
         }
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(presets)}")

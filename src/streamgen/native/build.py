@@ -34,11 +34,20 @@ from pathlib import Path
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
 SOURCE_NAME = "decode_kernels.c"
 QUANT_SOURCES = (
-    "qgemm.c", "qgemm_scalar.c", "qgemm_avx2.c", "qgemm_avxvnni.c", "qgemm_avx512.c",
+    "qgemm.c",
+    "qgemm_scalar.c",
+    "qgemm_avx2.c",
+    "qgemm_avxvnni.c",
+    "qgemm_avx512.c",
     "thread_pool.c",
+    "kquant.c",
 )
 HEADERS = (
-    "quant_layout.h", "quant_access.h", "qgemm_kernels.h", "qgemm_x86_256.h", "qgemm_driver.h",
+    "quant_layout.h",
+    "quant_access.h",
+    "qgemm_kernels.h",
+    "qgemm_x86_256.h",
+    "qgemm_driver.h",
     "thread_pool.h",
 )
 

@@ -17,6 +17,7 @@ import enum
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from streamgen.errors import ConfigError
@@ -140,7 +141,10 @@ class _Library:
         ]
         self.qlinear_parts = lib.sg_qlinear_parts
         self.qlinear_parts.argtypes = [vp, vp, i64, vp, i64]
+        self.quantize_q4_k = lib.sg_quantize_q4_k
+        self.quantize_q4_k.argtypes = [vp, vp, i64, i64, vp]
         for fn in (
+            self.quantize_q4_k,
             self.quantize_act,
             self.qgemm,
             self.qlinear,
@@ -292,6 +296,21 @@ class QuantContext:
             "quantized gemm",
         )
         return y[:, : weight.out_features]
+
+    def quantize_q4_k(self, values: np.ndarray) -> np.ndarray:  # [out, in / 256 * 144] u8
+        """GGUF Q4_K bytes of ``values [out, in]`` (``in`` a multiple of 256), rounded as
+        llama.cpp's reference quantizer rounds (``native/kquant.c``)."""
+        x = np.ascontiguousarray(values, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] % 256:
+            raise ValueError(f"Q4_K needs rows of a multiple of 256 values, not {x.shape}")
+        out = np.empty((x.shape[0], x.shape[1] // 256 * 144), dtype=np.uint8)
+        _check(
+            self._lib.quantize_q4_k(
+                self._pool, x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data
+            ),
+            "Q4_K quantization",
+        )
+        return out
 
     def dequantize(
         self, weight: PackedWeight, rows: torch.Tensor | None = None
