@@ -1,8 +1,8 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face checkpoint directory.
+"""Convert a GGUF file (``llama`` or ``qwen2``) into a Hugging Face checkpoint directory.
 
 The output directory holds ``config.json``, ``generation_config.json``, the
 tokenizer files and a float32 ``model.safetensors``, laid out as
-``transformers.LlamaForCausalLM`` expects them.
+``transformers.LlamaForCausalLM`` (``Qwen2ForCausalLM``) expects them.
 
 Invariants:
 
@@ -13,7 +13,7 @@ Invariants:
   array comes out in numpy order, which for a linear layer is
   ``[out_features, in_features]``, the reverse of the ggml shape. Any other
   shape is rejected.
-* llama.cpp stores the Q and K projections with rows permuted for its
+* llama.cpp stores a ``llama`` file's Q and K projections with rows permuted for its
   rotary-embedding layout (pairs interleaved within each head); HF expects
   the two halves of each head contiguous. :func:`unpermute_rotary_rows`
   undoes the permutation exactly.
@@ -40,11 +40,10 @@ from gguf.quants import dequantize
 from tokenizers import pre_tokenizers
 from tqdm import tqdm
 
+from streamgen.checkpoint.gguf_architectures import GGUFArchitecture, gguf_architecture
 from streamgen.errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURE = "llama"
 
 # llama.cpp tensor name -> HF name, for tensors outside the decoder layers.
 _GLOBAL_TENSOR_NAMES = {
@@ -79,16 +78,16 @@ _GPT2_PRE_TYPES = frozenset({"default", "gpt2", "mpt", "olmo", "jais"})
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> None:
-    """Write an HF-style Llama checkpoint for ``gguf_path`` into ``out_dir``.
+    """Write an HF-style checkpoint for ``gguf_path`` into ``out_dir``.
 
     Args:
-        gguf_path: a GGUF file whose ``general.architecture`` is ``llama``.
+        gguf_path: a GGUF file of an architecture in ``GGUF_ARCHITECTURES``.
         out_dir: target directory (created if needed); existing files with
             the same names are overwritten.
         progress: show step messages and a per-tensor progress bar on stderr.
 
     Raises:
-        UnsupportedModelError: the file is not a llama model, or holds a
+        UnsupportedModelError: an architecture streamgen does not serve, or a
             tensor or quantization type this converter does not know.
         ModelLoadError: the file cannot be read or is inconsistent.
 
@@ -103,6 +102,9 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
     _say(progress, f"converting {gguf_path.name}: config and tokenizer")
     write_config_and_tokenizer(gguf_path, reader, out_dir)
     num_heads, num_kv_heads = head_counts(reader)
+    arch = gguf_architecture(_metadata_value(reader, "general.architecture"), gguf_path.name)
+    if not arch.rotary_rows_permuted:
+        num_heads = num_kv_heads = 0  # nothing to unpermute
     tensors = _dequantize_all(reader, num_heads, num_kv_heads, progress=progress)
     _say(progress, f"writing {out_dir / 'model.safetensors'}")
     _write_safetensors(tensors, out_dir / "model.safetensors")
@@ -119,12 +121,7 @@ def open_gguf(gguf_path: Path) -> GGUFReader:
         reader = GGUFReader(gguf_path)
     except (OSError, ValueError, IndexError, KeyError) as err:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {err}") from err
-    architecture = _metadata_value(reader, "general.architecture")
-    if architecture != SUPPORTED_ARCHITECTURE:
-        raise UnsupportedModelError(
-            f"{gguf_path.name}: architecture {architecture!r} is not supported "
-            f"(only {SUPPORTED_ARCHITECTURE!r})"
-        )
+    gguf_architecture(_metadata_value(reader, "general.architecture"), gguf_path.name)
     return reader
 
 
@@ -134,7 +131,12 @@ def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Pat
     architecture = _metadata_value(reader, "general.architecture")
     out_dir.mkdir(parents=True, exist_ok=True)
     tensor_names = {tensor.name for tensor in reader.tensors}
-    _write_config(gguf_path, out_dir, tie_word_embeddings="output.weight" not in tensor_names)
+    _write_config(
+        gguf_path,
+        out_dir,
+        gguf_architecture(architecture, gguf_path.name),
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )
     _write_tokenizer(
         gguf_path,
         out_dir,
@@ -211,7 +213,7 @@ def llama_cpp_pre_tokenizer(pre_type: str | None) -> pre_tokenizers.PreTokenizer
     ``None`` means transformers' default (byte-level GPT-2 regex) is already
     right, or the type is unknown (a warning is logged then).
     """
-    if pre_type is None or pre_type in _GPT2_PRE_TYPES:
+    if pre_type is None or pre_type in _GPT2_PRE_TYPES or pre_type in _transformers_splits():
         return None
     if pre_type in _DIGITS_THEN_GPT2_PRE_TYPES:
         # llama.cpp: regex \p{N} (each digit alone), then the GPT-2 regex.
@@ -227,6 +229,18 @@ def llama_cpp_pre_tokenizer(pre_type: str | None) -> pre_tokenizers.PreTokenizer
         pre_type,
     )
     return None
+
+
+def _transformers_splits() -> frozenset[str]:
+    """The pre-tokenizer types transformers' GGUF import restores itself (qwen2, llama3,
+    ...: a split regex before byte-level BPE)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS,
+        )
+    except ImportError:  # an older transformers: keep its default, with the warning
+        return frozenset()
+    return frozenset(GGUF_PRE_TOKENIZER_SPLITS)
 
 
 def _dequantize_all(
@@ -253,9 +267,9 @@ def _dequantize_all(
             )
         # [out_features, in_features] from here on.
         values = np.ascontiguousarray(values, dtype=np.float32)
-        if ".self_attn.q_proj." in name:
+        if ".self_attn.q_proj." in name and num_heads:
             values = unpermute_rotary_rows(values, num_heads)
-        elif ".self_attn.k_proj." in name:
+        elif ".self_attn.k_proj." in name and num_kv_heads:
             values = unpermute_rotary_rows(values, num_kv_heads)
         tensors[name] = np.ascontiguousarray(values)
     if "model.embed_tokens.weight" not in tensors:
@@ -274,17 +288,19 @@ def _alone(gguf_path: Path) -> Iterator[tuple[str, str]]:
         yield directory, link.name
 
 
-def _write_config(gguf_path: Path, out_dir: Path, *, tie_word_embeddings: bool) -> None:
+def _write_config(
+    gguf_path: Path, out_dir: Path, arch: GGUFArchitecture, *, tie_word_embeddings: bool
+) -> None:
     """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata."""
     from transformers import AutoConfig, GenerationConfig
 
     with _alone(gguf_path) as (directory, name):
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    if config.model_type != "llama":
+    if config.model_type != arch.model_type:
         raise UnsupportedModelError(f"GGUF config has model_type {config.model_type!r}")
     # The file, not transformers' guess, decides: no output.weight means tied.
     config.tie_word_embeddings = tie_word_embeddings
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [arch.hf_class]
     config.save_pretrained(out_dir)
     generation = GenerationConfig(
         bos_token_id=config.bos_token_id,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from streamgen.checkpoint.cache import streamgen_home
+from streamgen.checkpoint.gguf_architectures import gguf_architecture
 from streamgen.checkpoint.gguf_file import read_gguf_file
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, Unpacked, packed_weight, unpack
 from streamgen.errors import ModelLoadError, UnsupportedModelError
@@ -66,15 +67,9 @@ def is_gguf_file(path: str | Path) -> bool:
 def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     """Read ``path``: the header checked, the metadata directory, then every tensor repacked
     (``dense``: every weight dequantized to float32 instead, the same values exactly)."""
-    from streamgen.checkpoint.gguf_convert import SUPPORTED_ARCHITECTURE
-
     header = read_gguf_file(path)
     architecture = header.metadata.get("general.architecture")
-    if architecture != SUPPORTED_ARCHITECTURE:
-        raise UnsupportedModelError(
-            f"{path.name}: architecture {architecture!r} is not supported "
-            f"(only {SUPPORTED_ARCHITECTURE!r})"
-        )
+    arch = gguf_architecture(architecture, path.name)
     def meta_int(key: str, default: int | None = None) -> int:
         value = header.metadata.get(f"{architecture}.{key}", default)
         if value is None:
@@ -174,7 +169,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     if "output.weight" in tensors:
         weights["lm_head"] = weight([read("output.weight")])
     weights["norm"] = _dense(read("output_norm.weight"))
-    rotary = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    rotary = {"attn_q": num_heads, "attn_k": num_kv_heads} if arch.rotary_rows_permuted else {}
     for i in range(layers):
         for module, parts in LAYER_PARTS.items():
             weights[f"layers.{i}.{module}"] = weight(

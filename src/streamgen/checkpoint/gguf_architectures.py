@@ -1,0 +1,43 @@
+"""The GGUF architectures streamgen serves, one table row each (no heavy imports).
+
+A GGUF file names its architecture in ``general.architecture`` and prefixes its
+hyperparameters with it (``qwen2.block_count``). What differs between the rows is what
+llama.cpp's converter did to the HF checkpoint:
+
+* ``llama`` (also Mistral, SmolLM2 and other Llama-layout models, which llama.cpp writes
+  as ``llama``): Q and K rows permuted for llama.cpp's interleaved rotary layout
+  (undone at load);
+* ``qwen2``: rotary halves left as HF has them (llama.cpp's NEOX rope), Q/K/V biases
+  stored as ``blk.N.attn_{q,k,v}.bias``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamgen.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFArchitecture:
+    """How one ``general.architecture`` maps onto an HF config and streamgen's weights."""
+
+    model_type: str  # HF config model_type
+    hf_class: str  # HF config architectures[0]
+    rotary_rows_permuted: bool  # Q/K rows in llama.cpp's interleaved order
+
+
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", rotary_rows_permuted=True),
+    "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", rotary_rows_permuted=False),
+}
+
+
+def gguf_architecture(name: object, file_name: str) -> GGUFArchitecture:
+    """The row for ``name``, or :class:`UnsupportedModelError` naming the supported ones."""
+    if not isinstance(name, str) or name not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{file_name}: architecture {name!r} is not supported "
+            f"(supported: {sorted(GGUF_ARCHITECTURES)})"
+        )
+    return GGUF_ARCHITECTURES[name]
