@@ -5,7 +5,7 @@ context of its group) into fresh K/V tensors in every layer; with 64
 decodes of ~450 tokens that is ~50 MB copied per layer before SDPA reads it
 again. Here the chunks of up to ``max_native_chunk`` new tokens (decodes,
 draft trees, short prefill chunks) go to ``sg_paged_attention``
-(``streamgen/native/decode_kernels.c``), which walks each sequence's block
+(``streamgen/native/attention.c``), which walks each sequence's block
 table and reads every cached key and value once per KV head, in the cache's
 dtype; longer chunks (prefill) go to the reference, whose SDPA is the faster
 kernel for them::

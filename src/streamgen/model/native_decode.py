@@ -61,7 +61,7 @@ class NativeDecoder:
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
-        # of the step it shares (batch invariance, see decode_kernels.c's exp_shifted).
+        # of the step it shares (batch invariance: see exp_shifted in simd_f32.h).
         self.max_rows = None if _quantized(model) else MAX_NATIVE_ROWS
         self._layer_key: tuple[int, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None

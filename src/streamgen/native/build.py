@@ -1,4 +1,4 @@
-"""Compile ``decode_kernels.c`` once per machine and load it with ctypes.
+"""Compile the native sources once per machine into one library, loaded with ctypes.
 
 The library is built on first use with the system C compiler (``$CC`` or
 ``cc``) into ``$STREAMGEN_HOME/native/decode_kernels-<key>.so``, where the key
@@ -9,7 +9,7 @@ load a half-written library.
 
 Two kinds of sources go into the one library:
 
-* ``decode_kernels.c`` (the dense small-step kernels) is compiled with AVX2 + FMA
+* ``DENSE_SOURCES`` (the dense small-step kernels and attention) are compiled with AVX2 + FMA
   where torch reports an AVX2 (or AVX-512) CPU, scalar elsewhere;
 * the quantized core (``QUANT_SOURCES``) is compiled with no ISA flags at all: each
   of its ISA files sets its own ``#pragma GCC target`` and the kernels are chosen at
@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
-SOURCE_NAME = "decode_kernels.c"
+DENSE_SOURCES = ("decode_kernels.c", "attention.c")
 QUANT_SOURCES = (
     "qgemm.c",
     "qgemm_scalar.c",
@@ -43,7 +43,7 @@ QUANT_SOURCES = (
     "kquant.c",
 )
 HEADERS = (
-    "quant_layout.h",
+    "dense_step.h", "simd_f32.h", "quant_layout.h",
     "quant_access.h",
     "qgemm_kernels.h",
     "qgemm_x86_256.h",
@@ -89,7 +89,7 @@ def _compiler_version(compiler: str) -> str:
 def build_library(out_dir: Path, cpu_capability: str) -> Path:
     """The path of the built library, building it into ``out_dir`` if absent."""
     package = resources.files("streamgen.native")
-    names = (SOURCE_NAME, *QUANT_SOURCES, *HEADERS)
+    names = (*DENSE_SOURCES, *QUANT_SOURCES, *HEADERS)
     sources = {name: package.joinpath(name).read_bytes() for name in names}
     compiler = _compiler()
     flags = compile_flags(cpu_capability)
@@ -104,9 +104,9 @@ def build_library(out_dir: Path, cpu_capability: str) -> Path:
         for name, data in sources.items():
             (Path(tmp) / name).write_bytes(data)
         objects = []
-        for name in (SOURCE_NAME, *QUANT_SOURCES):
+        for name in (*DENSE_SOURCES, *QUANT_SOURCES):
             obj = Path(tmp) / (name + ".o")
-            unit_flags = flags if name == SOURCE_NAME else compile_flags("DEFAULT")
+            unit_flags = flags if name in DENSE_SOURCES else compile_flags("DEFAULT")
             _run([compiler, *unit_flags, "-c", str(Path(tmp) / name), "-o", str(obj)])
             objects.append(str(obj))
         lib_path = Path(tmp) / target.name

@@ -1,0 +1,72 @@
+/*
+ * The types of the native dense step (decode_kernels.c) and its attention (attention.c):
+ * one model, its layers' weights and caches, and the rows of one step.
+ *
+ * Layouts (row-major, contiguous):
+ *   linear weight   [out, in]   (the loader keeps this layout where the kernels are used)
+ *   KV cache        [num_blocks, block_size, num_kv_heads, head_dim]
+ *   block_tables    [num_seqs, bt_stride] int64
+ */
+#ifndef SG_DENSE_STEP_H
+#define SG_DENSE_STEP_H
+
+#include <stdint.h>
+
+#include "quant_layout.h"
+
+enum { SG_F32 = 0, SG_BF16 = 1, SG_QUANT = 2 }; /* SG_QUANT: weight is an sg_qparts */
+enum { SG_OK = 0, SG_ENOMEM = -1, SG_EINVAL = -2 };
+enum { ATTEND_ROWS = 32 }; /* rows of one sequence whose scores are held at once */
+
+typedef struct {
+    const void *weight;
+    const void *bias; /* NULL: no bias; same dtype as weight */
+    int32_t dtype;
+    int32_t splits; /* 0: [out, in]; S >= 1: [S, in, out / S] */
+    int64_t out_features;
+    int64_t in_features;
+} sg_linear;
+
+typedef struct {
+    sg_linear qkv, o, gate_up, down;
+    const void *input_norm;
+    const void *post_norm;
+    void *k_cache;
+    void *v_cache;
+} sg_layer;
+
+typedef struct {
+    int64_t hidden, q_size, kv_size, intermediate;
+    int64_t num_heads, num_kv_heads, head_dim, block_size;
+    int64_t window; /* 0: none */
+    float eps, scale;
+    int32_t dtype; /* norm weights and KV cache */
+    int32_t _pad;
+    const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
+} sg_model;
+
+/* The rows of one step (see sg_forward_layers for the arguments). */
+/* The rows of one step (see sg_forward_layers for the arguments). */
+typedef struct {
+    const float *cos_t, *sin_t;
+    const int64_t *slots, *query_start, *seq_lens, *block_tables;
+    int64_t num_seqs, bt_stride;
+    const uint8_t *tree_mask; /* [m, tree_stride] or NULL (causal) */
+    int64_t tree_stride;
+} sg_step;
+
+#define SG_INTERNAL __attribute__((visibility("hidden")))
+
+/* Checks a step's layout; *max_cells = the largest min(q_len, ATTEND_ROWS) * seq_len. */
+SG_INTERNAL int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs,
+                              const int64_t *query_start, const int64_t *seq_lens,
+                              const uint8_t *tree_mask, int64_t tree_stride, int64_t *max_cells);
+
+/* Attend the m rows of a step (attention.c). q [m, q_stride] holds each row's rotated
+ * query heads first; out [m, out_stride] gets each row's num_heads * head_dim outputs.
+ * scores: >= num_heads * max_cells floats, kbuf: >= block_size * kv_size floats. */
+SG_INTERNAL int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache,
+                          const sg_step *st, const float *q, int64_t q_stride, float *out,
+                          int64_t out_stride, float *scores, float *kbuf);
+
+#endif

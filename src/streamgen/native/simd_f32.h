@@ -1,0 +1,154 @@
+/*
+ * float32 helpers shared by the dense step (decode_kernels.c) and attention
+ * (attention.c): bf16 <-> f32, dot products, axpy and a vector exp. Both files are
+ * compiled with -mavx2 -mfma where the CPU has them (build.py); the scalar fallbacks
+ * serve the rest. Everything here is static inline: each file gets its own copy.
+ */
+#ifndef SG_SIMD_F32_H
+#define SG_SIMD_F32_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dense_step.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SG_AVX2 1
+#else
+#define SG_AVX2 0
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_elem(const void *p, int32_t dtype, int64_t i) {
+    return dtype == SG_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_elem(void *p, int32_t dtype, int64_t i, float v) {
+    if (dtype == SG_BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* dst[0..n) = src[0..n) widened to float32 */
+static inline void load_row(const void *src, int32_t dtype, int64_t n, float *dst) {
+    if (dtype == SG_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)src;
+    int64_t i = 0;
+#if SG_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(s + i));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+}
+
+#if SG_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+
+static inline __m256 load8_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* exp(x) for 8 floats: range reduction x = n ln2 + r, a degree-6 polynomial for e^r
+ * (Cephes' expf coefficients, ~2 ulp), 2^n through the exponent bits. exp(-inf) = 0. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                               _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(0x7f)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+#endif
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if SG_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    s = hsum256(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y[0..n) += a * x[0..n) */
+static inline void axpy_f32(float a, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+#if SG_AVX2
+    __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* s[k] = exp(s[k] - mx) in place; returns their sum.
+ * Batch invariance: a key's exp never depends on where it sits (the tail is padded with
+ * -inf, exp = 0, instead of taking a scalar expf), and the sum runs key by key in order,
+ * so keys that are invisible (exp exactly 0) or absent change nothing: a row gets the
+ * same bits as a decode, inside a prefill chunk or a draft tree. */
+static inline float exp_shifted(float *s, int64_t n, float mx) {
+    int64_t k = 0;
+#if SG_AVX2
+    const __m256 m8 = _mm256_set1_ps(mx);
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(s + k, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8)));
+    if (k < n) {
+        float tail[8];
+        for (int t = 0; t < 8; t++) tail[t] = k + t < n ? s[k + t] : -INFINITY;
+        _mm256_storeu_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), m8)));
+        for (int64_t t = 0; k + t < n; t++) s[k + t] = tail[t];
+    }
+#else
+    for (; k < n; k++) s[k] = expf(s[k] - mx);
+#endif
+    float sum = 0.0f;
+    for (k = 0; k < n; k++) sum += s[k];
+    return sum;
+}
+
+#endif
