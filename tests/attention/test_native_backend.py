@@ -133,3 +133,21 @@ def test_missing_kernels_raise_a_typed_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(native_module, "native_kernels", lambda: None)
     with pytest.raises(NativeUnavailableError):
         NativeAttentionBackend()
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])
+def test_a_row_gets_the_same_bits_alone_as_in_its_step(
+    kernels: NativeKernels, head_dim: int
+) -> None:
+    """The kernel tiles queries (4 per key pass, 6 outputs per value pass, by KV head)
+    and sums softmax terms by key position, so a chunk row equals the same query decoded
+    alone against the same cache, bit for bit (the engine's batch invariance)."""
+    backend = NativeAttentionBackend(kernels=kernels)
+    step = make_step([40, 9, 300], [1, 9, 1], seed=8, head_dim=head_dim)
+    query, k_cache, v_cache, metadata = step
+    together = backend.attend(query, k_cache, v_cache, metadata, 0.125)
+    tables = metadata.block_tables
+    for row, (seq, position) in enumerate([(0, 39), *((1, p) for p in range(9)), (2, 299)]):
+        alone_meta = make_metadata(tables[seq : seq + 1], [position + 1], [1], BLOCK_SIZE)
+        alone = backend.attend(query[row : row + 1], k_cache, v_cache, alone_meta, 0.125)
+        assert torch.equal(alone[0], together[row]), row

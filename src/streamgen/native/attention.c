@@ -2,21 +2,24 @@
  * Paged attention over the KV cache, in place: decodes, prefill chunks and draft trees
  * of several sequences (bottom-right causal, optional sliding window, or a tree mask).
  *
- * sg_attend serves the dense step (decode_kernels.c) and the quantized one;
+ * sg_attend serves the dense and the quantized step (decode_kernels.c);
  * sg_paged_attention is the same attention on its own, for the torch path's larger steps
  * (attention/native.py): it reads the paged cache in place, where the torch reference
  * gathers every sequence's blocks, padded to the longest, in every layer.
  *
- * Batch invariance: a row's result never depends on the other rows of its step or on how
- * full its blocks are (block_dots, exp_shifted), so a request gets the same tokens alone,
- * in a batch, or as a row of a draft tree. Tiles of ATTEND_ROWS rows run on the worker
- * pool of a quantized model.
+ * Work is split into tasks of (sequence, ATTEND_ROWS rows, KV head): a task reads its
+ * KV head's keys and values once for all its rows and the query heads that share them
+ * (attention_tiles.h), and tasks run on the worker pool of a quantized model, so even
+ * one decode row uses every core. Each row is computed on its own (the tiling changes
+ * no result).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_tiles.h"
 #include "dense_step.h"
 #include "simd_f32.h"
 #include "thread_pool.h"
@@ -31,80 +34,20 @@ static inline int visible(const sg_model *md, const sg_step *st, int64_t row, in
     return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
 }
 
-/* The elems values at element offset off of a cache (a block's rows) as float32: the
- * cache itself (float32) or their widened copy in buf (bf16). */
-static inline const float *cache_block(const void *cache, int32_t dt, int64_t off,
-                                       int64_t elems, float *buf) {
-    if (dt == SG_F32) return (const float *)cache + off;
-    load_row((const uint16_t *)cache + off, dt, elems, buf);
+/* One KV head's vectors of the count keys of a block (elements from off): the cache
+ * itself with its row stride (float32), or their widened copy in buf, stride D (bf16). */
+static inline const float *head_block(const void *cache, int32_t dt, int64_t off, int64_t count,
+                                      int64_t row_elems, int64_t D, float *buf, int64_t *stride) {
+    if (dt == SG_F32) {
+        *stride = row_elems;
+        return (const float *)cache + off;
+    }
+    for (int64_t k = 0; k < count; k++) load_row((const uint16_t *)cache + off + k * row_elems, dt, D, buf + k * D);
+    *stride = D;
     return buf;
 }
 
-/* s[k] = scale * dot(q, key k) for the count keys of one block (key k at kb[k * stride]),
- * four keys at a time with one combined horizontal sum. A block's last keys run the same
- * four-key code (the missing ones repeat its last key), so a key's score does not depend
- * on how full its block is: see exp_shifted on batch invariance. */
-static inline void block_dots(const float *q, const float *kb, int64_t stride, int64_t count,
-                              int64_t D, float scale, float *s) {
-    int64_t k = 0;
-#if SG_AVX2
-    if (D % 8 == 0) {
-        for (; k < count; k += 4) {
-            const int64_t last = count - 1;
-            const float *k0 = kb + k * stride;
-            const float *k1 = kb + (k + 1 < last ? k + 1 : last) * stride;
-            const float *k2 = kb + (k + 2 < last ? k + 2 : last) * stride;
-            const float *k3 = kb + (k + 3 < last ? k + 3 : last) * stride;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t d = 0; d < D; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + d);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
-            }
-            /* [a0 a1 a2 a3] partial sums per 128-bit lane, then the two lanes added */
-            const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-            float four[4];
-            _mm_storeu_ps(four, _mm_mul_ps(sum, _mm_set1_ps(scale)));
-            for (int64_t j = 0; j < 4 && k + j < count; j++) s[k + j] = four[j];
-        }
-        return;
-    }
-#endif
-    for (; k < count; k++) s[k] = dot_f32(q, kb + k * stride, D) * scale;
-}
-
-/* o[0..D) += sum over k < count of p[k] * v[k * stride + 0..D): one query head's values
- * over one cache block, the accumulators held in registers across the block. */
-static inline void accumulate_values(const float *p, const float *v, int64_t stride,
-                                     int64_t count, float *o, int64_t D) {
-    int64_t d = 0;
-#if SG_AVX2
-    for (; d + 32 <= D; d += 32) {
-        __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_loadu_ps(o + d + 8);
-        __m256 a2 = _mm256_loadu_ps(o + d + 16), a3 = _mm256_loadu_ps(o + d + 24);
-        for (int64_t k = 0; k < count; k++) {
-            const __m256 pk = _mm256_set1_ps(p[k]);
-            const float *vk = v + k * stride + d;
-            a0 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk), a0);
-            a1 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 8), a1);
-            a2 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 16), a2);
-            a3 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 24), a3);
-        }
-        _mm256_storeu_ps(o + d, a0);
-        _mm256_storeu_ps(o + d + 8, a1);
-        _mm256_storeu_ps(o + d + 16, a2);
-        _mm256_storeu_ps(o + d + 24, a3);
-    }
-#endif
-    if (d < D)
-        for (int64_t k = 0; k < count; k++)
-            if (p[k] != 0.0f) axpy_f32(p[k], v + k * stride + d, o + d, D - d);
-}
-
-/* The arguments of one attention call, shared by its tiles. */
+/* The arguments of one attention call, shared by its tasks. */
 typedef struct {
     const sg_model *md;
     const void *k_cache, *v_cache;
@@ -115,109 +58,130 @@ typedef struct {
     int64_t out_stride;
 } attend_args;
 
-/* Rows [i0, i0 + ATTEND_ROWS) of sequence b. scores: >= num_heads * ATTEND_ROWS * seq_len
- * floats; kbuf: >= block_size * num_kv_heads * head_dim floats (one block, widened from
- * bf16). Keys are walked block by block, each cached row (every KV head) read once for
- * all the rows and query heads of the tile: a block is one contiguous run of memory.
- * Every row is computed on its own (the tile changes no result). */
-static void attend_tile(const attend_args *a, int64_t b, int64_t i0, float *scores, float *kbuf) {
+/* Rows [i0, i0 + ATTEND_ROWS) of sequence b, the query heads of KV head kvh.
+ * scores: >= group * min(q_len, ATTEND_ROWS) * seq_len floats; buf: >= block_size * D. */
+static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh, float *scores,
+                        float *buf) {
     const sg_model *md = a->md;
     const sg_step *st = a->st;
     const int64_t D = md->head_dim, KVH = md->num_kv_heads, group = md->num_heads / KVH;
-    const int64_t bs = md->block_size, row_elems = KVH * D;
+    const int64_t bs = md->block_size, row_elems = KVH * D, head_off = kvh * D;
     const int32_t dt = md->dtype;
     const int64_t seq_first = st->query_start[b], seq_q_len = st->query_start[b + 1] - seq_first;
     const int64_t n = st->seq_lens[b], prefix = n - seq_q_len;
     const int64_t *table = st->block_tables + b * st->bt_stride;
     const int64_t first = seq_first + i0;
     const int64_t q_len = seq_q_len - i0 < ATTEND_ROWS ? seq_q_len - i0 : ATTEND_ROWS;
+    const int64_t nq = q_len * group; /* query j: row j / group, head kvh * group + j % group */
     /* Causal: keys past the tile's last row are invisible to all its rows. Skipping them
      * changes no bit (they would add exact zeros), and halves a prefill's attention. */
     const int64_t last_key = prefix + i0 + q_len;
     const int64_t nv = st->tree_mask == NULL && last_key < n ? last_key : n;
-    /* scores[(i * num_heads + h) * n + key]: row i, query head h */
+#define QUERY(j) (a->q + (first + (j) / group) * a->q_stride + (kvh * group + (j) % group) * D)
+#define OUTPUT(j) (a->out + (first + (j) / group) * a->out_stride + (kvh * group + (j) % group) * D)
+    /* scores[j * n + key] */
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
-        const float *kb = cache_block(a->k_cache, dt, table[blk] * bs * row_elems,
-                                      count * row_elems, kbuf);
-        for (int64_t i = 0; i < q_len; i++) {
-            float *sc = scores + i * md->num_heads * n + key;
-            const float *qi = a->q + (first + i) * a->q_stride;
-            for (int64_t h = 0; h < md->num_heads; h++)
-                block_dots(qi + h * D, kb + (h / group) * D, row_elems, count, D, md->scale,
-                           sc + h * n);
+        int64_t stride;
+        const float *kb = head_block(a->k_cache, dt, table[blk] * bs * row_elems + head_off, count,
+                                     row_elems, D, buf, &stride);
+        for (int64_t j0 = 0; j0 < nq; j0 += QK_QUERIES) {
+            const int64_t nj = nq - j0 < QK_QUERIES ? nq - j0 : QK_QUERIES;
+            const float *qs[QK_QUERIES];
+            for (int64_t j = 0; j < nj; j++) qs[j] = QUERY(j0 + j);
+            tile_dots(qs, nj, kb, stride, count, D, md->scale, scores + j0 * n + key, n);
+        }
+        for (int64_t i = 0; i < q_len; i++)
             for (int64_t k = 0; k < count; k++)
                 if (!visible(md, st, first + i, i0 + i, prefix, key + k))
-                    for (int64_t h = 0; h < md->num_heads; h++) sc[h * n + k] = -INFINITY;
-        }
+                    for (int64_t g = 0; g < group; g++) scores[(i * group + g) * n + key + k] = -INFINITY;
         key += count;
     }
-    for (int64_t r = 0; r < q_len * md->num_heads; r++) {
-        float *sc = scores + r * n, mx = -INFINITY;
-        for (int64_t key = 0; key < nv; key++) mx = sc[key] > mx ? sc[key] : mx;
-        const float inv = 1.0f / exp_shifted(sc, nv, mx);
+    for (int64_t j = 0; j < nq; j++) {
+        float *sc = scores + j * n;
+        const float inv = 1.0f / exp_shifted(sc, nv, max_f32(sc, nv));
         for (int64_t key = 0; key < nv; key++) sc[key] *= inv;
+        memset(OUTPUT(j), 0, (size_t)D * sizeof(float));
     }
-    for (int64_t i = 0; i < q_len; i++)
-        memset(a->out + (first + i) * a->out_stride, 0, (size_t)(md->num_heads * D) * sizeof(float));
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
-        const int64_t off = table[blk] * bs * row_elems;
-        const float *vb = cache_block(a->v_cache, dt, off, count * row_elems, kbuf);
-        for (int64_t i = 0; i < q_len; i++) {
-            const float *sc = scores + i * md->num_heads * n + key;
-            float *o = a->out + (first + i) * a->out_stride;
-            for (int64_t h = 0; h < md->num_heads; h++)
-                accumulate_values(sc + h * n, vb + (h / group) * D, row_elems, count, o + h * D, D);
+        int64_t stride;
+        const float *vb = head_block(a->v_cache, dt, table[blk] * bs * row_elems + head_off, count,
+                                     row_elems, D, buf, &stride);
+        for (int64_t j0 = 0; j0 < nq; j0 += PV_OUTPUTS) {
+            const int64_t nj = nq - j0 < PV_OUTPUTS ? nq - j0 : PV_OUTPUTS;
+            const float *ps[PV_OUTPUTS];
+            float *os[PV_OUTPUTS];
+            for (int64_t j = 0; j < nj; j++) ps[j] = scores + (j0 + j) * n + key, os[j] = OUTPUT(j0 + j);
+            tile_values(ps, os, nj, vb, stride, count, D);
         }
         key += count;
     }
+#undef QUERY
+#undef OUTPUT
 }
 
+/* A step's tasks and the scratch slots they share: at most one task per thread runs at
+ * once, so `slots` = threads slots always leave one free to claim. */
 typedef struct {
     const attend_args *args;
     const int64_t *tiles; /* [num_tiles, 2]: sequence, first row */
-    _Atomic int failed;
+    float *scratch;       /* slots x slot_floats */
+    int64_t slot_floats, score_floats, slots;
+    _Atomic int *busy;
 } attend_job;
 
 static void attend_task(void *ctx, int64_t t) {
     attend_job *job = (attend_job *)ctx;
-    const sg_model *md = job->args->md;
-    const int64_t b = job->tiles[2 * t], n = job->args->st->seq_lens[b];
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(md->num_heads * ATTEND_ROWS * n) + 1);
-    float *kbuf = (float *)malloc(sizeof(float) * (size_t)(md->block_size * md->kv_size) + 1);
-    if (scores && kbuf) attend_tile(job->args, b, job->tiles[2 * t + 1], scores, kbuf);
-    else job->failed = 1;
-    free(scores);
-    free(kbuf);
+    const int64_t kvh_count = job->args->md->num_kv_heads, tile = t / kvh_count;
+    int64_t slot = 0;
+    while (atomic_exchange(&job->busy[slot], 1)) slot = (slot + 1) % job->slots;
+    float *scores = job->scratch + slot * job->slot_floats;
+    attend_tile(job->args, job->tiles[2 * tile], job->tiles[2 * tile + 1], t % kvh_count, scores,
+                scores + job->score_floats);
+    atomic_store(&job->busy[slot], 0);
 }
 
-/* With a worker pool (a quantized model's), the tiles of every sequence run in parallel,
- * each with scratch of its own. */
-int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache,
-                  const sg_step *st, const float *q, int64_t q_stride, float *out,
-                  int64_t out_stride, float *scores, float *kbuf) {
+int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache, const sg_step *st,
+              const float *q, int64_t q_stride, float *out, int64_t out_stride) {
     const attend_args args = {md, k_cache, v_cache, st, q, q_stride, out, out_stride};
-    int64_t num_tiles = 0;
-    for (int64_t b = 0; b < st->num_seqs; b++)
-        num_tiles += (st->query_start[b + 1] - st->query_start[b] + ATTEND_ROWS - 1) / ATTEND_ROWS;
+    const int64_t group = md->num_heads / md->num_kv_heads;
+    int64_t num_tiles = 0, max_cells = 1;
+    for (int64_t b = 0; b < st->num_seqs; b++) {
+        const int64_t q_len = st->query_start[b + 1] - st->query_start[b];
+        const int64_t rows = q_len < ATTEND_ROWS ? q_len : ATTEND_ROWS;
+        num_tiles += (q_len + ATTEND_ROWS - 1) / ATTEND_ROWS;
+        max_cells = rows * st->seq_lens[b] > max_cells ? rows * st->seq_lens[b] : max_cells;
+    }
+    const int64_t num_tasks = num_tiles * md->num_kv_heads;
     sg_pool *pool = md->qctx ? md->qctx->pool : NULL;
-    if (!pool || sg_pool_threads(pool) < 2 || num_tiles < 2 || num_tiles > SG_POOL_MAX_TASKS) {
+    const int parallel = pool && sg_pool_threads(pool) > 1 && num_tasks > 1 &&
+                         num_tasks <= SG_POOL_MAX_TASKS;
+    const int64_t slots = parallel ? sg_pool_threads(pool) : 1;
+    attend_job job = {&args, NULL, NULL, 0, group * max_cells, slots, NULL};
+    job.slot_floats = job.score_floats + md->block_size * md->head_dim;
+    int64_t *tiles = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * num_tiles));
+    job.scratch = (float *)malloc(sizeof(float) * (size_t)(slots * job.slot_floats));
+    _Atomic int *busy = (_Atomic int *)calloc((size_t)slots, sizeof(_Atomic int));
+    int rc = SG_OK;
+    if (!tiles || !job.scratch || !busy) {
+        rc = SG_ENOMEM;
+    } else {
+        int64_t t = 0;
         for (int64_t b = 0; b < st->num_seqs; b++)
             for (int64_t i0 = 0; i0 < st->query_start[b + 1] - st->query_start[b]; i0 += ATTEND_ROWS)
-                attend_tile(&args, b, i0, scores, kbuf);
-        return SG_OK;
+                tiles[2 * t] = b, tiles[2 * t + 1] = i0, t++;
+        job.tiles = tiles;
+        job.busy = busy;
+        if (parallel)
+            sg_pool_run(pool, attend_task, &job, num_tasks);
+        else
+            for (int64_t task = 0; task < num_tasks; task++) attend_task(&job, task);
     }
-    int64_t *tiles = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * num_tiles));
-    if (!tiles) return SG_ENOMEM;
-    int64_t t = 0;
-    for (int64_t b = 0; b < st->num_seqs; b++)
-        for (int64_t i0 = 0; i0 < st->query_start[b + 1] - st->query_start[b]; i0 += ATTEND_ROWS)
-            tiles[2 * t] = b, tiles[2 * t + 1] = i0, t++;
-    attend_job job = {&args, tiles, 0};
-    sg_pool_run(pool, attend_task, &job, num_tiles);
     free(tiles);
-    return job.failed ? SG_ENOMEM : SG_OK;
+    free(job.scratch);
+    free((void *)busy);
+    return rc;
 }
 
 int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int64_t *query_start,
@@ -252,13 +216,6 @@ int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_ca
     if (rc != SG_OK) return rc;
     const sg_step st = {NULL, NULL, NULL, query_start, seq_lens, block_tables,
                         num_seqs, bt_stride, tree_mask, tree_stride};
-    const int64_t heads = md->num_heads, width = heads * md->head_dim;
-    float *scores = (float *)malloc(
-        (size_t)(heads * max_cells + md->block_size * md->num_kv_heads * md->head_dim) *
-        sizeof(float));
-    if (scores == NULL) return SG_ENOMEM;
-    const int arc = sg_attend(md, k_cache, v_cache, &st, q, width, out, width, scores,
-                           scores + heads * max_cells);
-    free(scores);
-    return arc;
+    const int64_t width = md->num_heads * md->head_dim;
+    return sg_attend(md, k_cache, v_cache, &st, q, width, out, width);
 }

@@ -43,7 +43,7 @@ QUANT_SOURCES = (
     "kquant.c",
 )
 HEADERS = (
-    "dense_step.h", "simd_f32.h", "quant_layout.h",
+    "dense_step.h", "simd_f32.h", "attention_tiles.h", "quant_layout.h",
     "quant_access.h",
     "qgemm_kernels.h",
     "qgemm_x86_256.h",

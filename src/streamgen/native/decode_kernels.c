@@ -217,7 +217,7 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
 /* Rotate q and k, write k and v into the cache slots, attend. qkv [m, q_size + 2 kv_size]
  * is rotated in place; out [m, q_size]. */
 static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
-                     int64_t m, float *out, float *scores, float *kbuf) {
+                     int64_t m, float *out) {
     const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
     const int64_t row = md->q_size + 2 * md->kv_size;
     for (int64_t r = 0; r < m; r++) {
@@ -231,7 +231,7 @@ static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, 
             store_elem(ly->v_cache, md->dtype, base + i, v[i]);
         }
     }
-    return sg_attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size, scores, kbuf);
+    return sg_attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size);
 }
 
 /* ----- entry points ---------------------------------------------------------------- */
@@ -282,19 +282,17 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
                                    + m * md->q_size /* attention out */
                                    + m * 2 * I      /* gate_up */
                                    + m * I          /* activation */
-                                   + m * Hd         /* projection out */
-                                   + md->num_heads * max_cells + md->block_size * md->kv_size);
+                                   + m * Hd);       /* projection out */
     float *arena = (float *)malloc(floats * sizeof(float));
     if (arena == NULL) return SG_ENOMEM;
     float *normed = arena, *qkv = normed + m * Hd, *attn = qkv + m * row, *gu = attn + m * md->q_size;
-    float *act = gu + m * 2 * I, *proj = act + m * I, *scores = proj + m * Hd;
-    float *kbuf = scores + md->num_heads * max_cells;
+    float *act = gu + m * 2 * I, *proj = act + m * I;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         int lrc = SG_OK;
         rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
         lrc |= linear_forward(&ly->qkv, normed, qkv, m);
-        lrc |= attention(md, ly, &st, qkv, m, attn, scores, kbuf);
+        lrc |= attention(md, ly, &st, qkv, m, attn);
         lrc |= linear_forward(&ly->o, attn, proj, m);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
         rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);

@@ -64,9 +64,9 @@ SG_INTERNAL int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs,
 
 /* Attend the m rows of a step (attention.c). q [m, q_stride] holds each row's rotated
  * query heads first; out [m, out_stride] gets each row's num_heads * head_dim outputs.
- * scores: >= num_heads * max_cells floats, kbuf: >= block_size * kv_size floats. */
+ * Returns SG_OK or SG_ENOMEM (its scratch is its own). */
 SG_INTERNAL int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache,
                           const sg_step *st, const float *q, int64_t q_stride, float *out,
-                          int64_t out_stride, float *scores, float *kbuf);
+                          int64_t out_stride);
 
 #endif

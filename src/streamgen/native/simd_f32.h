@@ -126,29 +126,51 @@ static inline void axpy_f32(float a, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* max(s[0..n)), -inf for none. Exact in any order, so the lanes change nothing. */
+static inline float max_f32(const float *s, int64_t n) {
+    int64_t k = 0;
+    float mx = -INFINITY;
+#if SG_AVX2
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (; k + 8 <= n; k += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + k));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m8);
+    for (int l = 0; l < 8; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+#endif
+    for (; k < n; k++) mx = s[k] > mx ? s[k] : mx;
+    return mx;
+}
+
 /* s[k] = exp(s[k] - mx) in place; returns their sum.
  * Batch invariance: a key's exp never depends on where it sits (the tail is padded with
- * -inf, exp = 0, instead of taking a scalar expf), and the sum runs key by key in order,
- * so keys that are invisible (exp exactly 0) or absent change nothing: a row gets the
- * same bits as a decode, inside a prefill chunk or a draft tree. */
+ * -inf, exp = 0, instead of taking a scalar expf), and the sum goes by key position (8
+ * lanes, lane l holding keys l, l + 8, ... in order, then one fixed reduction), so keys
+ * that are invisible (exp exactly 0) or absent add exact zeros: a row gets the same bits
+ * as a decode, inside a prefill chunk or a draft tree. */
 static inline float exp_shifted(float *s, int64_t n, float mx) {
     int64_t k = 0;
 #if SG_AVX2
     const __m256 m8 = _mm256_set1_ps(mx);
-    for (; k + 8 <= n; k += 8)
-        _mm256_storeu_ps(s + k, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8)));
+    __m256 sum8 = _mm256_setzero_ps();
+    for (; k + 8 <= n; k += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + k), m8));
+        _mm256_storeu_ps(s + k, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
     if (k < n) {
         float tail[8];
         for (int t = 0; t < 8; t++) tail[t] = k + t < n ? s[k + t] : -INFINITY;
-        _mm256_storeu_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), m8)));
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), m8));
+        _mm256_storeu_ps(tail, e);
+        sum8 = _mm256_add_ps(sum8, e);
         for (int64_t t = 0; k + t < n; t++) s[k + t] = tail[t];
     }
+    return hsum256(sum8);
 #else
-    for (; k < n; k++) s[k] = expf(s[k] - mx);
-#endif
     float sum = 0.0f;
-    for (k = 0; k < n; k++) sum += s[k];
+    for (; k < n; k++) sum += (s[k] = expf(s[k] - mx));
     return sum;
+#endif
 }
 
 #endif
