@@ -28,6 +28,7 @@ from streamgen.errors import (
     RequestError,
     StreamgenError,
     UnsupportedModelError,
+    WrongEventLoopError,
 )
 from streamgen.model import ModelSpec
 from streamgen.offline import OfflineGenerator
@@ -64,6 +65,7 @@ __all__ = [
     "StreamgenError",
     "TokenEvent",
     "UnsupportedModelError",
+    "WrongEventLoopError",
     "__version__",
     "load_model",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `python -m streamgen demo [question]` and `python -m streamgen fetch`."""
+"""Command line: `streamgen demo [question]`, `streamgen fetch`, `streamgen serve`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,24 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streamgen.engine.config import EngineConfig
+    from streamgen.server import standalone_app
+
+    config = EngineConfig(
+        threads=args.threads,
+        max_model_len=args.max_model_len,
+        kv_cache_bytes=args.kv_cache_mb << 20,
+    )
+    app = standalone_app(
+        args.model, config, model_name=args.served_model_name, max_concurrency=args.max_concurrency
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamgen")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     fetch = sub.add_parser("fetch", help="download and convert the default model into the cache")
     fetch.set_defaults(func=_fetch)
+    serve = sub.add_parser("serve", help="serve the OpenAI API (default model if no --model)")
+    serve.add_argument("--model", default=None, help="checkpoint dir or GGUF file")
+    serve.add_argument("--served-model-name", default=None, help="the id clients pass as model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--kv-cache-mb", type=int, default=512)
+    serve.add_argument(
+        "--max-concurrency", type=int, default=None, help="requests in flight past which: 429"
+    )
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

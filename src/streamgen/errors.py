@@ -63,6 +63,12 @@ class EngineNotStartedError(StreamgenError, RuntimeError):
     """The engine was asked to serve before ``await engine.start()`` (or ``async with``)."""
 
 
+class WrongEventLoopError(StreamgenError, RuntimeError):
+    """The engine was called from an event loop (or thread) other than the one it was
+    started on: its streams live on that loop. Serve every app of an engine from the
+    loop that started it (mount them in one ASGI app)."""
+
+
 class ConfigError(StreamgenError, ValueError):
     """A configuration value (dtype, cache size, backend name...) is invalid."""
 

@@ -65,3 +65,9 @@ def test_speculative_rewrite_example(default_model_dir: Path) -> None:
     accepted = int(out.split("accepted: ")[1].split()[0])
     per_step = float(out.split("tokens per step: ")[1].split()[0])
     assert accepted > 0 and per_step > 1.0
+
+
+def test_openai_server_example(default_model_dir: Path) -> None:
+    pytest.importorskip("openai")
+    out = run_example("openai_server.py")
+    assert "Paris" in out

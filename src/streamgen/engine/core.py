@@ -232,9 +232,10 @@ class EngineCore:
             self._deliver(events)
             return True
         self.throughput.add(time.perf_counter(), len(result.token_ids))
-        logprobs: dict[str, list[float]] = {}
-        for rid, logprob in zip(result.request_ids, result.logprobs, strict=True):
-            logprobs.setdefault(rid, []).append(logprob)
+        logprobs: dict[str, list[tuple[float, tuple[tuple[int, float], ...]]]] = {}
+        tops = result.top_logprobs or [[] for _ in result.request_ids]
+        for rid, logprob, top in zip(result.request_ids, result.logprobs, tops, strict=True):
+            logprobs.setdefault(rid, []).append((logprob, tuple(top)))
         self._publish(token_events, logprobs)
         self.step_seconds += time.perf_counter() - step_started
         return True
@@ -331,7 +332,11 @@ class EngineCore:
 
     # ----- publishing ----------------------------------------------------------------
 
-    def _publish(self, token_events: list[Any], logprobs: dict[str, list[float]]) -> None:
+    def _publish(
+        self,
+        token_events: list[Any],
+        logprobs: dict[str, list[tuple[float, tuple[tuple[int, float], ...]]]],
+    ) -> None:
         events: StepEvents = {}
         for rid, token_ids, finish in token_events:
             state = self._text.get(rid)
@@ -348,9 +353,9 @@ class EngineCore:
                     finish_now = FinishReason.STOP
                 elif finish_now is not None:
                     text += self._flush_text(state)
-                logprob = token_logprobs[k] if k < len(token_logprobs) else 0.0
+                logprob, top = token_logprobs[k] if k < len(token_logprobs) else (0.0, ())
                 out.append(TokenEvent(token_id, text, logprob, state.num_emitted,
-                                      None if finish_now is None else finish_now.value))
+                                      None if finish_now is None else finish_now.value, top))
                 state.num_emitted += 1
                 if finish_now is not None:
                     del self._text[rid]

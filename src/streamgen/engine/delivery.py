@@ -38,3 +38,21 @@ def loop_scheduler() -> Callable[[Callable[..., Any], Any], None]:
 
         return schedule_trio
     raise RuntimeError(f"streamgen supports asyncio and trio, not {library!r}")
+
+
+def current_loop() -> object | None:
+    """The running event loop (asyncio) or run (trio token), None outside of one: what
+    an engine compares to be sure it is called from the loop it started on."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if library == "asyncio":
+        import asyncio
+
+        return asyncio.get_running_loop()
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return None

@@ -20,7 +20,7 @@ from streamgen.attention.auto import resolve_backend
 from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
-from streamgen.engine.delivery import loop_scheduler
+from streamgen.engine.delivery import current_loop, loop_scheduler
 from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, StreamEnd, StreamError
 from streamgen.engine.stream import RequestStream
 from streamgen.engine.validation import check_chat_messages, check_priority, check_prompt_type
@@ -31,6 +31,7 @@ from streamgen.errors import (
     InvalidPromptError,
     InvalidSamplingParamsError,
     RequestError,
+    WrongEventLoopError,
 )
 from streamgen.kv import BlockManager
 from streamgen.runner.cuda_graph import CudaGraphConfig
@@ -84,12 +85,14 @@ class Engine:
         self._senders: dict[str, MemoryObjectSendStream[Any]] = {}
         self._ids = itertools.count()
         self._closed = False
+        self._loop: object | None = None
 
     # ----- lifecycle -----------------------------------------------------------------
     async def start(self) -> Engine:
         if self._core is not None:
             return self
         schedule_on_loop = loop_scheduler()
+        self._loop = current_loop()
 
         def deliver(events: StepEvents) -> None:
             schedule_on_loop(self._dispatch, events)
@@ -204,7 +207,7 @@ class Engine:
         rendered with the model's chat template) or token ids. Invalid input
         raises a :class:`~streamgen.RequestError` before anything is queued.
         """
-        core = self._require_core()
+        core = self._require_loop()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -251,6 +254,21 @@ class Engine:
             texts.append(event.text)
             token_ids.append(event.token_id)
         return Completion("".join(texts), token_ids, stream.finish_reason)
+
+    def tokenize(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
+        """The token ids :meth:`stream` would run for ``prompt`` (text as is, chat
+        messages through the model's chat template with the generation prompt, token ids
+        checked against the vocabulary). ``chat_template_kwargs`` go to the template
+        (``enable_thinking=False``, ...).
+
+        Raises :class:`~streamgen.InvalidPromptError` for a prompt :meth:`stream` refuses.
+
+        >>> engine.tokenize([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        [1, 4093, 198, ...]
+        """
+        self._require_core()
+        check_prompt_type(prompt)
+        return self._tokenize(prompt, chat_template_kwargs)
 
     def stats(self) -> dict[str, Any]:
         """Queue sizes, KV blocks and preemptions, read without locking (approximate).
@@ -305,16 +323,31 @@ class Engine:
             raise EngineDeadError("the engine is not running")
         return self._core
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def _require_loop(self) -> EngineCore:
+        core = self._require_core()
+        if current_loop() is not self._loop:
+            raise WrongEventLoopError(
+                "the engine was started on another event loop (or is called from a thread): "
+                "its streams live there; call it from the loop that started it"
+            )
+        return core
+
+    def _tokenize(
+        self, prompt: Prompt, chat_template_kwargs: Mapping[str, Any] | None = None
+    ) -> list[int]:
         tokenizer = self.tokenizer
         vocab = self._loaded.spec.vocab_size if self._loaded else 0
         if isinstance(prompt, str):
             token_ids = list(tokenizer.encode(prompt))
         elif prompt and all(isinstance(m, Mapping) for m in prompt):
             check_chat_messages(prompt)
-            token_ids = list(tokenizer.apply_chat_template(
-                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
-            ))
+            try:
+                token_ids = list(tokenizer.apply_chat_template(
+                    list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False,
+                    **(chat_template_kwargs or {}),
+                ))
+            except Exception as exc:  # the template's own errors (jinja raise_exception, ...)
+                raise InvalidPromptError(f"the chat template failed: {exc}") from exc
         elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             token_ids = list(prompt)
             bad = [t for t in token_ids if not 0 <= t < vocab]

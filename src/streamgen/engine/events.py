@@ -12,6 +12,9 @@ class TokenEvent:
     ``text`` is the token's text delta (possibly empty while a multi-byte
     character or a possible stop string is held back); ``finish_reason`` is
     set on the last event only: ``"stop"``, ``"length"`` or ``"abort"``.
+    ``logprob`` is the token's log-probability under the distribution it was
+    sampled from; ``top_logprobs`` the ``SamplingParams.logprobs`` most likely
+    ``(token_id, logprob)`` pairs of that distribution (empty when not asked).
     """
 
     token_id: int
@@ -19,6 +22,7 @@ class TokenEvent:
     logprob: float
     index: int
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,180 @@
+"""The OpenAI request bodies streamgen serves, as pydantic models, and their translation
+into :class:`~streamgen.SamplingParams`.
+
+Field names and defaults follow the OpenAI API (``openai`` package's
+``CompletionCreateParams`` / ``ChatCompletionCreateParams``); streamgen's own extras
+(``priority``, ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``min_tokens``) sit in the same body, as vLLM accepts them. Unknown fields are ignored
+(clients send newer fields than any server knows). Range checks are left to
+``SamplingParams``, so the HTTP API and the SDK refuse the same values with the same
+messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamgen.sampling_params import MAX_LOGPROBS, SamplingParams
+from streamgen.server.errors import BadRequest
+
+MAX_CHOICES = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text (content parts of type "text" joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(
+                    f"message content part of type {part.get('type')!r} is not supported "
+                    "(only text)",
+                    param="messages",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class _Sampling(BaseModel):
+    """The fields chat and completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # streamgen / vLLM extras
+    priority: int = 0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams (one choice; see :meth:`choice_seeds`)."""
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {self.n}", param="n")
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported yet", param="logit_bias")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise BadRequest(
+                f"top_logprobs / logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}",
+                param="logprobs",
+            )
+        values: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "stop": self.stop or (),
+            "seed": self.seed,
+            "logprobs": logprobs,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+        }
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        values |= {k: v for k, v in optional.items() if v is not None}
+        return SamplingParams(**values)
+
+    def choice_seeds(self) -> list[int | None]:
+        """One seed per choice: the request's seed for the first, distinct derived seeds
+        for the others (so ``n`` seeded samples differ yet reproduce); None unseeded."""
+        if self.seed is None:
+            return [None] * self.n
+        return [self.seed if i == 0 else hash((self.seed, i)) for i in range(self.n)]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self.sampling_params(max_tokens, logprobs)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # the OpenAI default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: text or token ids, one or several."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def params(self) -> SamplingParams:
+        if self.suffix:
+            raise BadRequest("suffix is not supported", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise BadRequest(
+                "echo with logprobs needs prompt logprobs, which are not supported yet",
+                param="echo",
+            )
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+FinishReason = Literal["stop", "length"]
