@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from streamgen.errors import InvalidSamplingParamsError
@@ -22,6 +22,7 @@ from streamgen.errors import InvalidSamplingParamsError
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 _MAX_OPENAI_PENALTY = 2.0
+_MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,11 @@ class SamplingParams:
         logprobs: Number of most likely ``(token_id, logprob)`` pairs to return
             per step besides the sampled token's logprob; ``None`` returns
             none. In ``[0, 20]``.
+        logit_bias: Added to the logits of the given token ids before sampling
+            (OpenAI semantics: ``-100`` bans a token in practice, ``100`` all but
+            forces it), after the penalties; logprobs include it. A mapping or
+            ``(token_id, bias)`` pairs, biases in ``[-100, 100]``; stored as sorted
+            pairs. Token ids are checked against the vocabulary at submission.
         seed: Makes the request's samples reproducible whatever else is in
             the batch; ``None`` draws from the engine's generator. Any int (it is
             hashed with the token's position into the generator's seed).
@@ -100,6 +106,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     seed: int | None = None
     speculation: bool | None = None
 
@@ -155,10 +162,22 @@ class SamplingParams:
             "stop": _stop_strings(self.stop),
             "stop_token_ids": _stop_token_ids(self.stop_token_ids),
             "logprobs": logprobs,
+            "logit_bias": _logit_bias(self.logit_bias),
             "seed": seed,
         }
         for name, value in normalized.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as stored: sorted ``(token_id, bias)`` pairs.
+
+        Example:
+            >>> SamplingParams(logit_bias={7: -100, 2: 5}).logit_bias_pairs
+            ((2, 5.0), (7, -100.0))
+        """
+        pairs: tuple[tuple[int, float], ...] = self.logit_bias  # type: ignore[assignment]
+        return pairs
 
     @property
     def is_greedy(self) -> bool:
@@ -220,3 +239,25 @@ def _stop_token_ids(stop_token_ids: object) -> tuple[int, ...]:
             raise _error("stop_token_ids", "must hold only non-negative ints", stop_token_ids)
         result.append(int(item))
     return tuple(result)
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """A mapping or pairs -> sorted ``(token_id, bias)`` pairs, each checked."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        items = list(value)
+        if not all(isinstance(i, Sequence) and len(i) == 2 for i in items):
+            raise _error("logit_bias", "must be a mapping or (token_id, bias) pairs", value)
+    else:
+        raise _error("logit_bias", "must be a mapping or (token_id, bias) pairs", value)
+    pairs: dict[int, float] = {}
+    for token_id, bias in items:
+        token = _integer("logit_bias", token_id)
+        if token < 0:
+            raise _error("logit_bias", "token ids must be >= 0", token_id)
+        amount = _real("logit_bias", bias)
+        if not -_MAX_LOGIT_BIAS <= amount <= _MAX_LOGIT_BIAS:
+            raise _error("logit_bias", "biases must be in [-100, 100]", bias)
+        pairs[token] = amount
+    return tuple(sorted(pairs.items()))

@@ -77,6 +77,8 @@ CONSTRUCTION: list[tuple[str, Callable[[], Any], type[StreamgenError], str]] = [
      InvalidSamplingParamsError, "stop_token_ids"),
     ("stop-empty", lambda: SamplingParams(stop=[""]), InvalidSamplingParamsError, "stop"),
     ("logprobs", lambda: SamplingParams(logprobs=100), InvalidSamplingParamsError, "logprobs"),
+    ("logit-bias-range", lambda: SamplingParams(logit_bias={1: 1e3}), InvalidSamplingParamsError,
+     "logit_bias"),
 ]  # fmt: skip
 
 
@@ -131,6 +133,11 @@ ON_ENGINE: list[tuple[str, Callable[[Engine], Any], type[StreamgenError], str]] 
     ("stop-id-out-of-vocab", lambda e: e.stream(GOOD, SamplingParams(stop_token_ids=[10**6])),
      InvalidSamplingParamsError, "stop_token_ids"),
     ("prompt-too-long", lambda e: e.stream([5] * 1100), InvalidPromptError, "max_model_len"),
+    ("bias-id-out-of-vocab", lambda e: e.stream(GOOD, SamplingParams(logit_bias={10**6: 1.0})),
+     InvalidSamplingParamsError, "logit_bias"),
+    ("chat-template-kwargs", lambda e: e.tokenize([{"role": "user", "content": "x"}],
+                                                 add_generation_prompt=False),
+     RequestError, "template"),
 ]  # fmt: skip
 
 

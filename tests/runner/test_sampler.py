@@ -496,3 +496,60 @@ def test_cuda_matches_cpu_semantics() -> None:
     again = Sampler(seed=1).sample(logits.cuda(), requests)
     seeded_rows = range(1, 1999, 2)
     assert [again.token_ids[r] for r in seeded_rows] == [result.token_ids[r] for r in seeded_rows]
+
+
+# --------------------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_adds_after_the_penalties() -> None:
+    logits = random_logits(3, 30, seed=11)
+    requests = [
+        make_request(output=[4, 4], frequency_penalty=1.0, logit_bias={4: 2.5, 7: -100}),
+        make_request(logit_bias=[(0, 1.0), (29, 3.0), (99, 50.0)]),  # 99: outside, ignored
+        make_request(),
+    ]
+    got = apply_penalties(logits, requests)
+    expected = reference_penalties(logits, requests).tolist()
+    for row, request in enumerate(requests):
+        for token_id, bias in request.params.logit_bias_pairs:
+            if token_id < 30:
+                expected[row][token_id] += bias
+    torch.testing.assert_close(got, torch.tensor(expected))
+    assert torch.equal(got[2], logits[2])
+
+
+def test_logit_bias_bans_and_forces_greedy_tokens() -> None:
+    logits = random_logits(2, 40, seed=12)
+    top = int(logits[0].argmax())
+    low = int(logits[1].argmin())
+    requests = [
+        make_request(temperature=0, logit_bias={top: -100}),
+        make_request(temperature=0, logit_bias={low: 100}),
+    ]
+    result = Sampler(seed=0).sample(logits, requests)
+    assert result.token_ids[0] != top and result.token_ids[0] == int(logits[0].topk(2).indices[1])
+    assert result.token_ids[1] == low
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({1: 101}, r"\[-100, 100\]"),
+        ({-1: 1.0}, ">= 0"),
+        ({1: float("nan")}, "finite"),
+        ({"a": 1.0}, "int"),
+        ([(1, 2, 3)], "pairs"),
+        ("1:2", "pairs"),
+    ],
+)
+def test_bad_logit_bias_is_refused(bias: Any, message: str) -> None:
+    from streamgen.errors import InvalidSamplingParamsError
+
+    with pytest.raises(InvalidSamplingParamsError, match=message):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_is_stored_as_sorted_pairs() -> None:
+    params = SamplingParams(logit_bias={9: 1, 2: -3.5})
+    assert params.logit_bias == ((2, -3.5), (9, 1.0)) == params.logit_bias_pairs
+    assert params == SamplingParams(logit_bias=[(2, -3.5), (9, 1)])

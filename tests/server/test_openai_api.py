@@ -381,3 +381,28 @@ def test_streamgen_serve_runs_the_standalone_app(default_model_dir: Any) -> None
         proc.terminate()  # uvicorn shuts down (the lifespan closes the engine), then
         _, stderr = proc.communicate(timeout=60)  # re-raises SIGTERM: the exit code is -15
         assert "Traceback" not in stderr, stderr
+
+
+def test_logit_bias_bans_and_forces_tokens(live: LiveServer) -> None:
+    client = live.client()
+    plain = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=1
+    )
+    first = plain.choices[0].logprobs.tokens[0]
+    first_id = live.engine.tokenizer.encode(first)
+    assert len(first_id) == 1
+    banned = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+        logit_bias={str(first_id[0]): -100},
+    )  # fmt: skip
+    assert not banned.choices[0].text.startswith(first)
+    forced_id = live.engine.tokenizer.encode(" banana")[0]
+    forced = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0.8, seed=1,
+        logit_bias={str(forced_id): 100},
+    )  # fmt: skip
+    assert forced.choices[0].text == live.engine.tokenizer.decode([forced_id] * 3)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=1, logit_bias={str(10**7): 1}
+        )

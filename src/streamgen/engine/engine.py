@@ -221,6 +221,11 @@ class Engine:
             raise InvalidSamplingParamsError(
                 f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})"
             )
+        bad_bias = [t for t, _ in params.logit_bias_pairs if t >= vocab]
+        if bad_bias:
+            raise InvalidSamplingParamsError(
+                f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})"
+            )
         check_prompt_type(prompt)
         request_id = f"req-{next(self._ids)}"
         send, receive = anyio.create_memory_object_stream[Any](capacity + 2)

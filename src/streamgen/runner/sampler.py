@@ -232,7 +232,8 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
-    """Applies each row's repetition, presence and frequency penalties.
+    """Applies each row's repetition, presence and frequency penalties, then its
+    ``logit_bias``.
 
     Repetition penalty (HF/vLLM): for every token in the prompt or the output,
     a positive logit is divided by the penalty and a negative one multiplied.
@@ -288,6 +289,19 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -
             [r.params.frequency_penalty for r in requests], torch.float32, device
         )
         logits = logits - (presence.unsqueeze(1) * (counts > 0) + frequency.unsqueeze(1) * counts)
+    bias_rows, bias_ids, bias_values = [], [], []
+    for row, request in enumerate(requests):
+        for token_id, bias in request.params.logit_bias_pairs:
+            if token_id < vocab_size:
+                bias_rows.append(row)
+                bias_ids.append(token_id)
+                bias_values.append(bias)
+    if bias_rows:
+        logits = logits.index_put(
+            (_to_device(bias_rows, torch.int64, device), _to_device(bias_ids, torch.int64, device)),
+            _to_device(bias_values, torch.float32, device),
+            accumulate=True,
+        )
     return logits
 
 

@@ -80,8 +80,6 @@ class _Sampling(BaseModel):
         """The request's SamplingParams (one choice; see :meth:`choice_seeds`)."""
         if not 1 <= self.n <= MAX_CHOICES:
             raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {self.n}", param="n")
-        if self.logit_bias:
-            raise BadRequest("logit_bias is not supported yet", param="logit_bias")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise BadRequest(
                 f"top_logprobs / logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}",
@@ -94,6 +92,7 @@ class _Sampling(BaseModel):
             "logprobs": logprobs,
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
+            "logit_bias": self._bias(),
         }
         optional = {
             "temperature": self.temperature,
@@ -106,6 +105,18 @@ class _Sampling(BaseModel):
         }
         values |= {k: v for k, v in optional.items() if v is not None}
         return SamplingParams(**values)
+
+    def _bias(self) -> list[tuple[int, float]]:
+        """OpenAI's ``{"token id": bias}`` (JSON keys are strings) as pairs."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                pairs.append((int(key), bias))
+            except ValueError:
+                raise BadRequest(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+        return pairs
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: the request's seed for the first, distinct derived seeds
