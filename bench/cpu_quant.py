@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 import shlex
 import socket
@@ -38,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS_DIR, git_commit, machine
-from bench.llama_cpp_tools import simd_flags, tool
+from bench.llama_cpp_tools import ISA_CMAKE_FLAGS, simd_flags, tool
+from streamgen.native.qkernels import ISA_ENV_VAR
 
 WORKS = ("decode", "prefill", "concurrent")
 
@@ -81,23 +83,25 @@ async def streamgen_concurrent(engine: Any, prompts: list[list[int]]) -> float:
     return sum(len(t) - 1 for t in runs) / (time.perf_counter() - start)
 
 
-def llama_bench(gguf: Path, threads: int, prompt: int, gen: int) -> float:
+def llama_bench(gguf: Path, threads: int, prompt: int, gen: int, isa: str = "native") -> float:
     out = subprocess.run(
-        [str(tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+        [str(tool("llama-bench", isa)), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
          "-n", str(gen), "-r", "1", "-o", "json"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def llama_server_concurrent(gguf: Path, threads: int, prompts: list[list[int]]) -> float:
+def llama_server_concurrent(
+    gguf: Path, threads: int, prompts: list[list[int]], isa: str = "native"
+) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = len(prompts) * (max(len(p) for p in prompts) + 128 + 16)
     server = subprocess.Popen(
-        [str(tool("llama-server")), "-m", str(gguf), "-t", str(threads), "-np", str(len(prompts)),
-         "-c", str(ctx), "--port", str(port), "--host", "127.0.0.1"],
+        [str(tool("llama-server", isa)), "-m", str(gguf), "-t", str(threads),
+         "-np", str(len(prompts)), "-c", str(ctx), "--port", str(port), "--host", "127.0.0.1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -170,7 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             value = await _measure_streamgen(engine, work, prefill_prompt, prompts)
                         else:
                             value = await asyncio.to_thread(
-                                _measure_llama_cpp, work, gguf, threads, prompts
+                                _measure_llama_cpp, work, gguf, threads, prompts, args.isa
                             )
                         samples.setdefault((work, system), []).append(value)
                         print(f"threads={threads} rep={rep} {work} {system}: {value:.1f} tok/s",
@@ -193,7 +197,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench.cpu_quant " + shlex.join(sys.argv[1:]),
         "commit": git_commit(), "machine": machine(), "cpu_flags": simd_flags(),
         "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "repeats": args.repeats,
-        "requests": args.requests, "rows": rows,
+        "requests": args.requests, "rows": rows, "isa": args.isa,
+        **({"notes": [
+            "ISA avx2: an AVX2-only machine emulated on this CPU: streamgen ran its AVX2 "
+            "kernels (STREAMGEN_NATIVE_ISA=avx2), llama.cpp a build without AVX-512 and "
+            "VNNI (bench/llama_cpp_tools.py ISA_CMAKE_FLAGS['avx2']); this CPU's memory "
+            "and clocks, not those of a real AVX2-only part."
+        ]} if args.isa != "native" else {}),
     }  # fmt: skip
 
 
@@ -207,12 +217,14 @@ async def _measure_streamgen(
     return await streamgen_concurrent(engine, prompts)
 
 
-def _measure_llama_cpp(work: str, gguf: Path, threads: int, prompts: list[list[int]]) -> float:
+def _measure_llama_cpp(
+    work: str, gguf: Path, threads: int, prompts: list[list[int]], isa: str
+) -> float:
     if work == "decode":
-        return llama_bench(gguf, threads, 0, 128)
+        return llama_bench(gguf, threads, 0, 128, isa)
     if work == "prefill":
-        return llama_bench(gguf, threads, 512, 0)
-    return llama_server_concurrent(gguf, threads, prompts)
+        return llama_bench(gguf, threads, 512, 0, isa)
+    return llama_server_concurrent(gguf, threads, prompts, isa)
 
 
 def render(record: dict[str, Any]) -> str:
@@ -258,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--works", type=lambda s: s.split(","), default=list(WORKS))
+    parser.add_argument(
+        "--isa", choices=sorted(ISA_CMAKE_FLAGS), default="native",
+        help="avx2: both systems restricted to AVX2 kernels (streamgen through "
+        "STREAMGEN_NATIVE_ISA, llama.cpp built without AVX-512 / VNNI): an AVX2-only machine, "
+        "emulated",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.isa != "native":
+        os.environ[ISA_ENV_VAR] = args.isa
     record = asyncio.run(run(args))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = RESULTS_DIR / f"cpu_quant-{stamp}.json"

@@ -45,24 +45,37 @@ def simd_flags() -> list[str]:
     return [f for f in SIMD_FLAGS if f in flags]
 
 
-def build_dir() -> Path:
+# The instruction sets a build may use: "native" is llama.cpp's default (GGML_NATIVE:
+# everything this CPU has); "avx2" stops at AVX2 + FMA + F16C, the kernels an AVX2-only
+# machine runs (an emulation of one on a newer CPU: same code, this machine's memory).
+ISA_CMAKE_FLAGS = {
+    "native": (),
+    "avx2": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+             "-DGGML_F16C=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF",
+             "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX512_VBMI=OFF"),
+}  # fmt: skip
+
+
+def build_dir(isa: str = "native") -> Path:
     from streamgen.checkpoint import streamgen_home
 
     key = hashlib.sha256(" ".join(cpu_flags()).encode()).hexdigest()[:12]
-    return streamgen_home() / "bench" / f"llama.cpp-{VERSION}-{key}"
+    suffix = "" if isa == "native" else f"-{isa}"
+    return streamgen_home() / "bench" / f"llama.cpp-{VERSION}-{key}{suffix}"
 
 
-def tool(name: str) -> Path:
+def tool(name: str, isa: str = "native") -> Path:
     """The path of a built llama.cpp tool, building the set on first use."""
-    path = build_dir() / "bin" / name
+    path = build_dir(isa) / "bin" / name
     if not path.is_file():
-        build()
+        build(isa)
     return path
 
 
-def build() -> Path:
-    """Download the sdist, build TARGETS, install them (and their libraries) into build_dir()."""
-    target = build_dir()
+def build(isa: str = "native") -> Path:
+    """Download the sdist, build TARGETS for ``isa`` (ISA_CMAKE_FLAGS), install them into
+    build_dir(isa)."""
+    target = build_dir(isa)
     with tempfile.TemporaryDirectory(prefix="llama-cpp-build-") as tmp:
         work = Path(tmp)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -73,7 +86,8 @@ def build() -> Path:
         source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
         out = work / "build"
         _run(["cmake", "-S", str(source), "-B", str(out), "-DLLAMA_CURL=OFF",
-              "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF"])  # fmt: skip
+              "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+              *ISA_CMAKE_FLAGS[isa]])  # fmt: skip
         _run(["cmake", "--build", str(out), "-j", "2", "--target", *TARGETS])
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,7 +6,7 @@
 from streamgen import OfflineGenerator, SamplingParams, load_model
 
 loaded = load_model()  # SmolLM2-135M-Instruct, fetched and converted on first use
-questions = ["What is the capital of France?", "Name three primary colors."]
+questions = ["Tell me the capital of France.", "Name three primary colors."]
 prompts = [
     loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False

@@ -7,7 +7,7 @@ from streamgen import Engine, SamplingParams
 
 async def main() -> None:
     async with Engine() as engine:
-        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        chat = [{"role": "user", "content": "Tell me the capital of France."}]
         async for event in engine.stream(chat, SamplingParams(temperature=0, max_tokens=48)):
             print(event.text, end="", flush=True)
         print()

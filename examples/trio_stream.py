@@ -19,7 +19,7 @@ async def main() -> None:
             print(f"[{stream.finish_reason}] {question} -> {text!r}")
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(answer, "What is the capital of France?")
+            nursery.start_soon(answer, "Tell me the capital of France.")
             nursery.start_soon(answer, "Write a long poem about the sea.", 5)
         print(engine.stats())
 

@@ -23,7 +23,7 @@ def test_offline_generate_example(default_model_dir: Path) -> None:
 
 def test_cli_demo_streams_an_answer(default_model_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "streamgen", "demo", "What is the capital of France?",
+        [sys.executable, "-m", "streamgen", "demo", "Tell me the capital of France.",
          "--max-tokens", "24"],
         capture_output=True, text=True, timeout=300, check=True,
     )
@@ -45,7 +45,7 @@ def test_quickstart_example(default_model_dir: Path) -> None:
 
 def test_trio_example(default_model_dir: Path) -> None:
     out = run_example("trio_stream.py")
-    assert "[stop] What is the capital of France?" in out or "[length]" in out
+    assert "[stop] Tell me the capital of France." in out or "[length]" in out
     assert "[abort] Write a long poem" in out
     assert "'kv_blocks_used': 0" in out
 

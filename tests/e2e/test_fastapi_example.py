@@ -52,7 +52,7 @@ def server(default_model_dir: Path) -> Iterator[str]:
 
 def test_streams_a_full_answer(server: str) -> None:
     with httpx.stream("GET", f"{server}/generate",
-                      params={"prompt": "What is the capital of France?", "max_tokens": 24},
+                      params={"prompt": "Tell me the capital of France.", "max_tokens": 24},
                       timeout=120) as response:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
