@@ -1,4 +1,4 @@
-"""Command line: `streamgen demo [question]`, `streamgen fetch`, `streamgen serve`."""
+"""Command line: `streamgen demo [question]`, `fetch`, `serve` (the OpenAI API), `chat`."""
 
 from __future__ import annotations
 
@@ -54,16 +54,40 @@ def _serve(args: argparse.Namespace) -> int:
     from streamgen.engine.config import EngineConfig
     from streamgen.server import standalone_app
 
+    speculation = None
+    if args.speculation:
+        import json
+
+        from streamgen.spec.config import SpeculationConfig
+
+        text = args.speculation.strip()
+        fields = json.loads(text) if text.startswith("{") else {"method": text}
+        speculation = SpeculationConfig(**fields)
     config = EngineConfig(
+        dtype=args.dtype,
+        quantization=None if args.quantization == "none" else args.quantization,
         threads=args.threads,
         max_model_len=args.max_model_len,
         kv_cache_bytes=args.kv_cache_mb << 20,
+        speculation=speculation,
     )
     app = standalone_app(
         args.model, config, model_name=args.served_model_name, max_concurrency=args.max_concurrency
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamgen.chat_cli import chat
+    from streamgen.engine.config import EngineConfig
+    from streamgen.sampling_params import SamplingParams
+
+    config = EngineConfig(threads=args.threads, max_model_len=args.max_model_len)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    return asyncio.run(chat(args.model, config, params))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantization", default="auto",
+        help="auto (a GGUF's own types), none (dense), q8_0, q4_0, q4_k, ... (quantize at load)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--speculation", default=None,
+        help="ngram | self | a SpeculationConfig as JSON ('{\"method\": \"ngram\"}')",
+    )  # fmt: skip
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--kv-cache-mb", type=int, default=512)
     serve.add_argument(
@@ -92,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+    chat = sub.add_parser("chat", help="a conversation in the terminal (Ctrl-C stops an answer)")
+    chat.add_argument("--model", default=None, help="checkpoint dir or GGUF file")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--threads", type=int, default=None)
+    chat.add_argument("--max-model-len", type=int, default=4096)
+    chat.set_defaults(func=_chat)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -71,3 +71,10 @@ def test_openai_server_example(default_model_dir: Path) -> None:
     pytest.importorskip("openai")
     out = run_example("openai_server.py")
     assert "Paris" in out
+
+
+def test_openai_client_example(default_model_dir: Path) -> None:
+    pytest.importorskip("openai")
+    out = run_example("openai_client.py")
+    assert "Paris" in out
+    assert "Red" in out or "red" in out

@@ -6,6 +6,7 @@ real uvicorn server serving the default model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -406,3 +407,63 @@ def test_logit_bias_bans_and_forces_tokens(live: LiveServer) -> None:
         client.completions.create(
             model=MODEL, prompt="x", max_tokens=1, logit_bias={str(10**7): 1}
         )
+
+
+def test_a_client_that_stops_reading_pauses_only_its_own_request(live: LiveServer) -> None:
+    """At the ASGI boundary (a real socket's buffers would hold thousands of events): a
+    ``send`` that stops returning after 3 events is a client whose socket is full. The
+    held request stops within its stream buffer (16 tokens) plus the events in hand,
+    while another request runs to its end; cancelling the held one frees its blocks."""
+    import json as json_module
+
+    from streamgen.server import openai_app
+
+    app = openai_app(live.engine, model_name=MODEL)
+    body = json_module.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 500,
+                              "stream": True, "ignore_eos": True}).encode()  # fmt: skip
+
+    async def scenario() -> tuple[int, int, int]:
+        never = asyncio.Event()
+        sent = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += 1
+                if sent > 3:
+                    await never.wait()
+
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")], "scheme": "http",
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+                 "http_version": "1.1", "asgi": {"version": "3.0"}}  # fmt: skip
+        before = live.engine.stats()["generated_tokens"]
+        held = asyncio.ensure_future(app(scope, receive, send))
+        other = await live.engine.generate(
+            QUESTION, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        )
+        for _ in range(20):  # a few more steps: the held request stays paused
+            await asyncio.sleep(0.01)
+        held_tokens = live.engine.stats()["generated_tokens"] - before - len(other.token_ids)
+        running = live.engine.stats()["running"]
+        held.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await held
+        return len(other.token_ids), held_tokens, running
+
+    other, held_tokens, running = asyncio.run_coroutine_threadsafe(scenario(), live.loop).result(
+        timeout=300
+    )
+    assert other == 64
+    assert 3 <= held_tokens <= 3 + 2 + 16 + 2  # sent, in hand, buffered, in the last steps
+    assert running == 1  # paused, not finished
+    assert wait_until_idle(live)["kv_blocks_used"] == 0
