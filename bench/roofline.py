@@ -116,10 +116,13 @@ def measure_limits(threads: int, quick: bool = False) -> MachineLimits:
     )
 
 
-def precision(system: str, dtype: str) -> Precision:
-    """What a system reads per weight and KV element (llama.cpp: Q4_1 weights, f16 KV)."""
+def precision(system: str, dtype: str, quantized: bool = False) -> Precision:
+    """What a system reads per weight and KV element (llama.cpp: Q4_1 weights, f16 KV;
+    streamgen's quantized path: Q4_1 weights, f32 KV)."""
     if system == "llamacpp":
         return Precision(weight_bytes=20 / 32, kv_bytes=2)  # Q4_1: 32 weights in 20 bytes
+    if quantized:
+        return Precision(weight_bytes=20 / 32, kv_bytes=4)
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return Precision(weight_bytes=size, kv_bytes=size)
 

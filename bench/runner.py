@@ -152,7 +152,7 @@ def _roofline(
     begin = min(r.arrival_s for r in counted)  # the measured span starts there too
     bound = workload_bound(
         info.spec,
-        precision(system, dtype),
+        precision(system, dtype, quantized=info.quantized and system == "streamgen"),
         limits,
         [(len(r.prompt), r.output_len, r.arrival_s - begin) for r in counted],
         arm.sequential,

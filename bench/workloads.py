@@ -110,6 +110,9 @@ class ModelInfo:
     model_dir: Path
     spec: Any  # streamgen.ModelSpec
     tokenizer: Any | None  # None: the checkpoint has no tokenizer (tiny test models)
+    # streamgen serves the default model from its Q4_1 GGUF (the quantized path); a
+    # checkpoint directory given with --model dense
+    quantized: bool = False
 
     @classmethod
     def load(cls, model: str | None) -> ModelInfo:
@@ -125,7 +128,7 @@ class ModelInfo:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return cls(model_dir, spec, tokenizer)
+        return cls(model_dir, spec, tokenizer, quantized=model is None)
 
     def chat(self, user: str, system: str | None = None) -> tuple[int, ...]:
         """Token ids of a chat prompt (the model's template), ending where the reply starts.

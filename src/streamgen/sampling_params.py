@@ -60,6 +60,13 @@ class SamplingParams:
         logprobs: Number of most likely ``(token_id, logprob)`` pairs to return
             per step besides the sampled token's logprob; ``None`` returns
             none. In ``[0, 20]``.
+        prompt_logprobs: The logprob of every prompt token after the first (each
+            given the tokens before it), with this many most likely alternatives
+            per position (``0``: the prompt token's only); ``None`` computes none.
+            In ``[0, 20]``. A request asking for them computes its whole prompt
+            (it takes no prefix-cache hit: a cached prefix has no logits); they
+            arrive with the first token (``TokenEvent.prompt_logprobs``,
+            ``stream.prompt_logprobs``).
         logit_bias: Added to the logits of the given token ids before sampling
             (OpenAI semantics: ``-100`` bans a token in practice, ``100`` all but
             forces it), after the penalties; logprobs include it. A mapping or
@@ -106,6 +113,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     seed: int | None = None
     speculation: bool | None = None
@@ -145,6 +153,14 @@ class SamplingParams:
             logprobs = _integer("logprobs", self.logprobs)
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise _error("logprobs", f"must be in [0, {MAX_LOGPROBS}] or None", self.logprobs)
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+                raise _error(
+                    "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}] or None",
+                    self.prompt_logprobs,
+                )  # fmt: skip
         seed = None if self.seed is None else _integer("seed", self.seed)
         if self.speculation is not None and not isinstance(self.speculation, bool):
             raise _error("speculation", "must be None or a bool", self.speculation)
@@ -162,6 +178,7 @@ class SamplingParams:
             "stop": _stop_strings(self.stop),
             "stop_token_ids": _stop_token_ids(self.stop_token_ids),
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "logit_bias": _logit_bias(self.logit_bias),
             "seed": seed,
         }

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gguf_from_hf import llama_cpp_permute
 
 from streamgen.checkpoint.gguf_convert import (
     convert_gguf_to_hf,
@@ -23,16 +24,6 @@ from streamgen.errors import UnsupportedModelError
 
 NUM_HEADS = 9
 NUM_KV_HEADS = 3
-
-
-def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """The permutation llama.cpp's HF->GGUF converter applies to Q and K."""
-    num_rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, 2, num_rows // num_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def decode_q4_1(raw: np.ndarray) -> np.ndarray:

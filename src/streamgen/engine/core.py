@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 StepEvents = dict[str, list[TokenEvent | StreamError | StreamEnd]]
 
 
+PromptLogprob = tuple[float, tuple[tuple[int, float], ...]]  # logprob, top (token, logprob)
+
+
 @dataclass(slots=True)
 class _TextState:
     detokenizer: IncrementalDetokenizer | None
@@ -81,6 +84,8 @@ class EngineCore:
         self.throughput = ThroughputMeter()
         # Live requests' metrics, updated in place (queue time, speculation).
         self._metrics: dict[str, RequestMetrics] = {}
+        # Prompt logprobs computed so far, by position, until the first token carries them.
+        self._prompt_logprobs: dict[str, dict[int, PromptLogprob]] = {}
         self._unscheduled: set[str] = set()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._text: dict[str, _TextState] = {}
@@ -232,6 +237,9 @@ class EngineCore:
             self._deliver(events)
             return True
         self.throughput.add(time.perf_counter(), len(result.token_ids))
+        for rid, entries in result.prompt_logprobs.items():  # by position: a recompute rewrites
+            held = self._prompt_logprobs.setdefault(rid, {})
+            held.update((pos, (lp, top)) for pos, lp, top in entries)
         logprobs: dict[str, list[tuple[float, tuple[tuple[int, float], ...]]]] = {}
         tops = result.top_logprobs or [[] for _ in result.request_ids]
         for rid, logprob, top in zip(result.request_ids, result.logprobs, tops, strict=True):
@@ -324,6 +332,7 @@ class EngineCore:
 
     def _forget(self, request_id: str) -> None:
         self._metrics.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
         self._unscheduled.discard(request_id)
         if self.drafter is not None:
             self.drafter.forget(request_id)
@@ -354,8 +363,13 @@ class EngineCore:
                 elif finish_now is not None:
                     text += self._flush_text(state)
                 logprob, top = token_logprobs[k] if k < len(token_logprobs) else (0.0, ())
+                prompt = None
+                if state.num_emitted == 0 and rid in self._prompt_logprobs:
+                    held = self._prompt_logprobs.pop(rid)
+                    prompt = tuple(held[pos] for pos in sorted(held))
                 out.append(TokenEvent(token_id, text, logprob, state.num_emitted,
-                                      None if finish_now is None else finish_now.value, top))
+                                      None if finish_now is None else finish_now.value, top,
+                                      prompt))
                 state.num_emitted += 1
                 if finish_now is not None:
                     del self._text[rid]

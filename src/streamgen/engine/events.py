@@ -15,6 +15,9 @@ class TokenEvent:
     ``logprob`` is the token's log-probability under the distribution it was
     sampled from; ``top_logprobs`` the ``SamplingParams.logprobs`` most likely
     ``(token_id, logprob)`` pairs of that distribution (empty when not asked).
+    ``prompt_logprobs`` (first event only, when ``SamplingParams.prompt_logprobs`` is
+    set): per prompt token after the first, its ``(logprob, top pairs)`` given the
+    tokens before it.
     """
 
     token_id: int
@@ -23,6 +26,7 @@ class TokenEvent:
     index: int
     finish_reason: str | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

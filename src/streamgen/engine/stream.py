@@ -42,6 +42,9 @@ class RequestStream:
         self.request_id = request_id
         self.metrics = RequestMetrics()
         self.finish_reason: str | None = None
+        # Per prompt token after the first: (logprob, top pairs), once the first token came
+        # (SamplingParams.prompt_logprobs).
+        self.prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
         self._receive = receive
         self._control = control
         self._submit = submit  # deferred tokenization + submission (long prompts)
@@ -113,6 +116,8 @@ class RequestStream:
             self._receive.close()
             raise StopAsyncIteration
         now = time.perf_counter()
+        if item.prompt_logprobs is not None:
+            self.prompt_logprobs = item.prompt_logprobs
         if self.metrics.first_token_at is None:
             self.metrics.first_token_at = now
         self.metrics.token_times.append(now)

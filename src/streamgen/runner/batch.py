@@ -51,6 +51,10 @@ class SequenceChunk:
     block_table: Sequence[int]
     sampling: SamplingRequest | None = None
     tree: DraftTree | None = None
+    # Prompt logprobs: the top-k count and the prompt token each row predicts (row i ->
+    # prompt[start_pos + i + 1]; the prompt's last row predicts a sampled token, no entry).
+    prompt_logprobs: int | None = None
+    prompt_targets: Sequence[int] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -86,3 +90,7 @@ class RunnerOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Per request: (position, logprob, top (token, logprob) pairs) of prompt tokens.
+    prompt_logprobs: dict[str, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = field(
+        default_factory=dict
+    )

@@ -7,6 +7,7 @@ decide anything about scheduling or block ownership.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -123,15 +124,52 @@ class ModelRunner:
             return RunnerOutput()
         started = time.perf_counter()
         hidden = self.forward_hidden(inputs)
+        prompt_logprobs = self._prompt_logprobs(hidden, batch)
         if not inputs.sample_chunk_indices:
             self.kernel_seconds += time.perf_counter() - started
-            return RunnerOutput()
+            return RunnerOutput(prompt_logprobs=prompt_logprobs)
         logits = self.loaded.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         self.kernel_seconds += time.perf_counter() - started
         chunks = [batch.chunks[i] for i in inputs.sample_chunk_indices]
         if all(c.tree is None for c in chunks):
-            return self._sample(logits, chunks)
-        return self._sample_and_verify(logits, chunks, inputs.sample_row_counts)
+            output = self._sample(logits, chunks)
+        else:
+            output = self._sample_and_verify(logits, chunks, inputs.sample_row_counts)
+        return (
+            dataclasses.replace(output, prompt_logprobs=prompt_logprobs)
+            if prompt_logprobs
+            else output
+        )
+
+    def _prompt_logprobs(
+        self,
+        hidden: torch.Tensor,
+        batch: ModelBatch,  # hidden [num_tokens, hidden]
+    ) -> dict[str, list[tuple[int, float, tuple[tuple[int, float], ...]]]]:
+        """Each prompt-logprob chunk's rows: the log-softmax of the model's logits (float32)
+        at the prompt token each row predicts, and the top-k of the row."""
+        out: dict[str, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = {}
+        offset = 0
+        for chunk in batch.chunks:
+            if chunk.prompt_logprobs is not None and chunk.prompt_targets:
+                n = len(chunk.prompt_targets)
+                logits = self.loaded.model.compute_logits(hidden[offset : offset + n])
+                logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
+                targets = torch.tensor(list(chunk.prompt_targets), device=logprobs.device)
+                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                k = chunk.prompt_logprobs
+                tops: list[tuple[tuple[int, float], ...]] = [()] * n
+                if k > 0:
+                    values, ids = logprobs.topk(k, dim=-1)
+                    tops = [
+                        tuple(zip(i, v, strict=True))
+                        for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+                    ]
+                out[chunk.request_id] = [
+                    (chunk.start_pos + 1 + r, chosen[r], tops[r]) for r in range(n)
+                ]
+            offset += chunk.num_tokens
+        return out
 
     def _sample(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> RunnerOutput:
         requests = [c.sampling for c in chunks if c.sampling is not None]
@@ -177,9 +215,9 @@ class ModelRunner:
             top = sampled.top_logprobs[j] if sampled.top_logprobs is not None else []
             by_chunk[i] = [(sampled.token_ids[j], sampled.logprobs[j], top)]
         for i, result in zip(trees, verified, strict=True):
-            by_chunk[i] = list(zip(
-                result.acceptance.token_ids, result.logprobs, result.top_logprobs, strict=True
-            ))
+            by_chunk[i] = list(
+                zip(result.acceptance.token_ids, result.logprobs, result.top_logprobs, strict=True)
+            )
         output = RunnerOutput(top_logprobs=[])
         for i, chunk in enumerate(chunks):
             for token, logprob, top in by_chunk[i]:

@@ -45,7 +45,8 @@ def start(bm: BlockManager, req: Request, step: StepState, config: SchedulerConf
     Returns the chunk's size, or 0 (nothing held) if the blocks do not fit.
     """
     rid = req.request_id
-    num_hit = bm.get_computed_prefix(rid, req.all_token_ids)
+    # A request computing prompt logprobs needs every position's logits: no cached prefix.
+    num_hit = bm.get_computed_prefix(rid, () if req.wants_prompt_logprobs else req.all_token_ids)
     num_new = num_new_tokens(req, num_hit, step.budget, config)
     if not bm.can_allocate(rid, num_hit + num_new):
         bm.free(rid)

@@ -90,4 +90,10 @@ def make_chunk(req: Request, num_new: int, block_table: list[int]) -> SequenceCh
     sampling = None
     if end == req.num_tokens:
         sampling = SamplingRequest(req.params, prompt, tuple(req.output_token_ids))
+    if req.wants_prompt_logprobs and start < num_prompt:
+        targets = prompt[start + 1 : min(end, num_prompt - 1) + 1]
+        return SequenceChunk(
+            req.request_id, token_ids, start, block_table, sampling,
+            prompt_logprobs=req.params.prompt_logprobs, prompt_targets=targets,
+        )  # fmt: skip
     return SequenceChunk(req.request_id, token_ids, start, block_table, sampling)

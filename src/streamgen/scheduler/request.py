@@ -70,6 +70,12 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not yet delivered (they go with the first token, so
+        a request recomputed after that computes none)."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

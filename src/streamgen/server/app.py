@@ -230,7 +230,7 @@ def _start_choices(server: _Server, body: Any) -> tuple[list[Choice], int, list[
         for p, ids in enumerate(prompts):
             for j, seed in enumerate(seeds):
                 stream = engine.stream(ids, replace(params, seed=seed), body.priority)
-                choices.append(Choice(p * len(seeds) + j, stream, len(ids)))
+                choices.append(Choice(p * len(seeds) + j, stream, ids))
     except BaseException:
         cancel_all(choices)
         raise
@@ -289,11 +289,17 @@ class _ResponseMeta:
                 })  # fmt: skip
             else:
                 echo = self._echo(c, per_prompt)
+                logprobs = None
+                if self.logprobs and echo:
+                    logprobs = responses.echoed_logprobs(
+                        c.prompt_ids, c.stream.prompt_logprobs, c.events, token_text
+                    )
+                elif self.logprobs:
+                    logprobs = responses.completion_logprobs(c.events, token_text, 0)
                 out.append({
                     "index": c.index,
                     "text": echo + c.text,
-                    "logprobs": responses.completion_logprobs(c.events, token_text, len(echo))
-                    if self.logprobs else None,
+                    "logprobs": logprobs,
                     "finish_reason": reason,
                 })  # fmt: skip
         return {
@@ -379,7 +385,7 @@ class _EventStreamResponse:
                         ]
                     )
                 )
-            elif meta._echo(c, per_prompt):
+            elif meta._echo(c, per_prompt) and not meta.logprobs:  # else with the first token
                 echo = meta._echo(c, per_prompt)
                 await body(
                     meta.chunk(
@@ -399,6 +405,14 @@ class _EventStreamResponse:
                 if c.finish_reason not in ("stop", "length"):
                     failure.append(Unavailable("the request was aborted: the engine stopped"))
                 return
+            echo = meta._echo(c, per_prompt)
+            if echo and meta.logprobs and item.event.index == 0:  # the prompt's logprobs came
+                lp = responses.echoed_logprobs(
+                    c.prompt_ids, c.stream.prompt_logprobs, [], self.token_text
+                )
+                choice = {"index": c.index, "text": echo, "logprobs": lp, "finish_reason": None}
+                await body(meta.chunk([choice]))
+                offsets[c.index] = sum(len(t) for t in lp["tokens"])
             await body(self._token_chunk(c, item.event, offsets))
 
         await run_merged(self.choices, on_item)

@@ -24,7 +24,7 @@ class Choice:
 
     index: int
     stream: RequestStream
-    prompt_tokens: int
+    prompt_ids: list[int]
     events: list[TokenEvent] = field(default_factory=list)
 
     @property

@@ -12,6 +12,7 @@ messages.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -165,12 +166,10 @@ class CompletionRequest(_Sampling):
     def params(self) -> SamplingParams:
         if self.suffix:
             raise BadRequest("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise BadRequest(
-                "echo with logprobs needs prompt logprobs, which are not supported yet",
-                param="echo",
-            )
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        params = self.sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the prompt's logprobs too
+            return replace(params, prompt_logprobs=self.logprobs)
+        return params
 
 
 class TokenizeRequest(BaseModel):

@@ -59,6 +59,31 @@ def completion_logprobs(
     }
 
 
+def echoed_logprobs(
+    prompt_ids: Sequence[int],
+    prompt_logprobs: Sequence[tuple[float, Sequence[tuple[int, float]]]] | None,
+    events: Sequence[TokenEvent],
+    token_text: TokenText,
+) -> dict[str, Any]:
+    """The legacy shape over prompt and completion (``echo`` with ``logprobs``): the first
+    prompt token has no logprob (None, as OpenAI gives it), every later one the logprob
+    given the tokens before it; then the generated tokens."""
+    entries = list(prompt_logprobs or ())
+    tokens = [token_text(t) for t in prompt_ids]
+    offsets, offset = [], 0
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    generated = completion_logprobs(events, token_text, offset)
+    return {
+        "tokens": tokens + generated["tokens"],
+        "token_logprobs": [None, *(lp for lp, _ in entries)] + generated["token_logprobs"],
+        "top_logprobs": [None, *({token_text(t): v for t, v in top} for _, top in entries)]
+        + generated["top_logprobs"],
+        "text_offset": offsets + generated["text_offset"],
+    }
+
+
 def finish_reason(reason: str | None) -> str | None:
     """The engine's "stop" / "length" as the API's; an abort has no API reason."""
     return reason if reason in ("stop", "length") else None
