@@ -467,3 +467,33 @@ def test_a_client_that_stops_reading_pauses_only_its_own_request(live: LiveServe
     assert 3 <= held_tokens <= 3 + 2 + 16 + 2  # sent, in hand, buffered, in the last steps
     assert running == 1  # paused, not finished
     assert wait_until_idle(live)["kv_blocks_used"] == 0
+
+
+def test_echo_with_logprobs_scores_the_prompt(live: LiveServer) -> None:
+    """lm-evaluation-harness's loglikelihood request: echo + logprobs + max_tokens=1. The
+    prompt's tokens come back with the logprob of each given those before it (None for
+    the first), equal to the SDK's prompt logprobs; streamed the same."""
+    client = live.client()
+    text = "The capital of France is Paris"
+    ids = live.engine.tokenizer.encode(text)
+    kwargs = dict(model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    response = client.completions.create(**kwargs)
+    lp = response.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+
+    async def sdk() -> Any:
+        stream = live.engine.stream(ids, params)
+        async for _ in stream:
+            pass
+        return stream.prompt_logprobs
+
+    expected = asyncio.run_coroutine_threadsafe(sdk(), live.loop).result(timeout=120)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([e[0] for e in expected], abs=1e-6)
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert response.choices[0].text.startswith(text)
+    streamed = list(client.completions.create(**kwargs, stream=True))
+    first = streamed[0].choices[0]
+    assert first.text == text and first.logprobs is not None
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1 : len(ids)])
