@@ -497,3 +497,34 @@ def test_echo_with_logprobs_scores_the_prompt(live: LiveServer) -> None:
     first = streamed[0].choices[0]
     assert first.text == text and first.logprobs is not None
     assert first.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1 : len(ids)])
+
+
+def test_n_choices_share_the_prompts_blocks(live: LiveServer) -> None:
+    """n=4 over a ~300-token prompt: the followers start once the leader's prompt is in
+    the prefix cache, so the prompt's full blocks are held once, not four times."""
+    wait_until_idle(live)
+    long = [{"role": "user", "content": " ".join(f"item{i}" for i in range(120))}]
+    prompt_blocks = len(live.engine.tokenize(long)) // 16
+    assert prompt_blocks >= 15
+    body = {"model": MODEL, "messages": long, "max_tokens": 64, "n": 4, "stream": True,
+            "ignore_eos": True, "temperature": 1.0, "seed": 5}  # fmt: skip
+    seen: set[int] = set()
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    seen.add(choice["index"])
+            if len(seen) == 4:  # every choice is decoding: count the blocks held now
+                used = live.engine.stats()["kv_blocks_used"]
+                break
+        for _ in lines:
+            pass
+    assert seen == {0, 1, 2, 3}
+    # shared: the prompt's full blocks once, plus a few blocks per choice (its partial
+    # last block, what it generated so far); unshared it would be 4 x prompt_blocks
+    assert used <= prompt_blocks + 4 * 5 < 4 * prompt_blocks
+    wait_until_idle(live)

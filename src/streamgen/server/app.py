@@ -225,12 +225,25 @@ def _start_choices(server: _Server, body: Any) -> tuple[list[Choice], int, list[
     else:
         prompts = [engine.tokenize(p) for p in body.prompts()]
         echoes = [engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+    # The n choices of a prompt share its blocks through the prefix cache: followers
+    # start once the leader's prompt is cached (not when every position is scored anyway).
+    share = engine.config.enable_prefix_caching and params.prompt_logprobs is None
     choices: list[Choice] = []
     try:
         for p, ids in enumerate(prompts):
+            leader = None
             for j, seed in enumerate(seeds):
-                stream = engine.stream(ids, replace(params, seed=seed), body.priority)
+                choice_params = replace(params, seed=seed)
+                if leader is not None and share:
+
+                    def start(ids: list[int] = ids, cp: SamplingParams = choice_params) -> Any:
+                        return engine.stream(ids, cp, body.priority)
+
+                    choices.append(Choice(p * len(seeds) + j, None, ids, start, leader))
+                    continue
+                stream = engine.stream(ids, choice_params, body.priority)
                 choices.append(Choice(p * len(seeds) + j, stream, ids))
+                leader = choices[-1]
     except BaseException:
         cancel_all(choices)
         raise
@@ -291,8 +304,9 @@ class _ResponseMeta:
                 echo = self._echo(c, per_prompt)
                 logprobs = None
                 if self.logprobs and echo:
+                    scored = c.stream.prompt_logprobs if c.stream else None
                     logprobs = responses.echoed_logprobs(
-                        c.prompt_ids, c.stream.prompt_logprobs, c.events, token_text
+                        c.prompt_ids, scored, c.events, token_text
                     )
                 elif self.logprobs:
                     logprobs = responses.completion_logprobs(c.events, token_text, 0)
@@ -407,9 +421,8 @@ class _EventStreamResponse:
                 return
             echo = meta._echo(c, per_prompt)
             if echo and meta.logprobs and item.event.index == 0:  # the prompt's logprobs came
-                lp = responses.echoed_logprobs(
-                    c.prompt_ids, c.stream.prompt_logprobs, [], self.token_text
-                )
+                scored = c.stream.prompt_logprobs if c.stream else None
+                lp = responses.echoed_logprobs(c.prompt_ids, scored, [], self.token_text)
                 choice = {"index": c.index, "text": echo, "logprobs": lp, "finish_reason": None}
                 await body(meta.chunk([choice]))
                 offsets[c.index] = sum(len(t) for t in lp["tokens"])

@@ -1,7 +1,10 @@
 """Running the choices of one HTTP request on the engine: all at once, collected (a JSON
 response) or merged into one event stream (server-sent events).
 
-Each choice is one engine stream. Streaming keeps the engine's backpressure: a choice
+Each choice is one engine stream. The ``n`` choices of one prompt share its KV blocks
+through the prefix cache: the first (the leader) starts at once, the others when the
+leader's first token shows its prompt is computed and cached, so each of them computes
+only the prompt's last, partial block. Streaming keeps the engine's backpressure: a choice
 reads its next token only when the previous one was handed to the response, which the
 server writes only as fast as the client reads. The response cancelling (the client
 went away) cancels every choice, and the core frees their KV blocks at its next step.
@@ -9,7 +12,7 @@ went away) cancels every choice, and the core frees their KV blocks at its next 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -20,12 +23,19 @@ from streamgen.engine.stream import RequestStream
 
 @dataclass
 class Choice:
-    """One choice: its stream, the prompt it continues, what it produced so far."""
+    """One choice: its stream, the prompt it continues, what it produced so far.
+
+    A follower (``start`` and ``leader`` set) has no stream until its leader's first
+    token (or end) sets ``leader.prompt_done``; ``start()`` then submits it."""
 
     index: int
-    stream: RequestStream
+    stream: RequestStream | None
     prompt_ids: list[int]
+    start: Callable[[], RequestStream] | None = None
+    leader: Choice | None = None
+    prompt_done: anyio.Event = field(default_factory=anyio.Event)
     events: list[TokenEvent] = field(default_factory=list)
+    cancelled: bool = False
 
     @property
     def text(self) -> str:
@@ -33,7 +43,23 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
-        return self.stream.finish_reason
+        return None if self.stream is None else self.stream.finish_reason
+
+    async def tokens(self) -> AsyncIterator[TokenEvent]:
+        """The choice's events (starting it first); releases its followers at the first."""
+        try:
+            if self.stream is None:
+                assert self.leader is not None and self.start is not None
+                await self.leader.prompt_done.wait()
+                if self.cancelled:
+                    return
+                self.stream = self.start()
+            async for event in self.stream:
+                self.events.append(event)
+                self.prompt_done.set()
+                yield event
+        finally:
+            self.prompt_done.set()
 
 
 @dataclass(frozen=True)
@@ -47,7 +73,9 @@ class ChoiceEvent:
 
 def cancel_all(choices: list[Choice]) -> None:
     for choice in choices:
-        choice.stream.cancel()
+        if choice.stream is not None:
+            choice.stream.cancel()
+        choice.cancelled = True  # a follower not started yet never starts
 
 
 async def collect(choices: list[Choice], on_done: Callable[[Choice], None]) -> None:
@@ -63,8 +91,8 @@ async def collect(choices: list[Choice], on_done: Callable[[Choice], None]) -> N
 
 
 async def _collect_one(choice: Choice, on_done: Callable[[Choice], None]) -> None:
-    async for event in choice.stream:
-        choice.events.append(event)
+    async for _ in choice.tokens():
+        pass
     on_done(choice)
 
 
@@ -78,8 +106,7 @@ async def run_merged(
 
     async def forward(choice: Choice) -> None:
         try:
-            async for event in choice.stream:
-                choice.events.append(event)
+            async for event in choice.tokens():
                 await send.send(ChoiceEvent(choice, event))
             await send.send(ChoiceEvent(choice))
         except Exception as exc:  # a failed request: the client gets it as one event

@@ -92,6 +92,8 @@ class ServerMetrics:
         """A finished choice: its stream's timings and token count."""
         self.requests.labels(finish_reason=finish_reason or "abort").inc()
         self.generated_tokens.inc(num_tokens)
+        if stream is None:  # a choice cancelled before it started
+            return
         ttft = stream.metrics.ttft
         if ttft is not None:
             self.ttft.observe(ttft)
