@@ -128,6 +128,10 @@ def render(results_dir: Path = RESULTS_DIR, md_path: Path = RESULTS_MD) -> str:
             from bench.cpu_quant import render as render_cpu_quant
 
             parts.append(render_cpu_quant(record))
+        elif record.get("scenario") == "serve":
+            from bench.serve import render as render_serve
+
+            parts.append(render_serve(record))
         elif record["scenario"] in LEGACY_SECTIONS:
             parts.append(LEGACY_SECTIONS[record["scenario"]](record))
     return "\n\n".join(parts) + "\n"

@@ -1,0 +1,165 @@
+"""The HTTP layer's cost: 32 streaming clients through `streamgen serve` against the same
+32 requests through the SDK, in one run, alternating.
+
+    python -m bench.serve [--threads 2] [--repeats 3] [--requests 32]
+
+Both arms serve the default model (its GGUF, the quantized path) with the same engine
+settings, prompts of 50-450 token ids (fixed seed), 128 new tokens each, greedy, EOS
+ignored, all submitted at once. The SDK arm runs `engine.stream()` in this process; the
+HTTP arm starts `streamgen serve` as a subprocess (a server is another process in use)
+and reads `/v1/completions` server-sent events with httpx, one connection per request.
+Each arm reports output tokens over wall time; the record names the CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from bench.common import RESULTS_DIR, git_commit, machine
+from bench.llama_cpp_tools import simd_flags
+
+NEW_TOKENS = 128
+MAX_MODEL_LEN = 1024
+KV_CACHE_MB = 512
+
+
+def prompts(count: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(100, 40000) for _ in range(rng.randint(50, 450))] for _ in range(count)]
+
+
+async def sdk_arm(engine: Any, batch: list[list[int]]) -> float:
+    from streamgen import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    async def one(prompt: list[int]) -> int:
+        return sum([1 async for _ in engine.stream(prompt, params)])
+
+    start = time.perf_counter()
+    tokens = await asyncio.gather(*(one(p) for p in batch))
+    return sum(tokens) / (time.perf_counter() - start)
+
+
+async def http_arm(url: str, batch: list[list[int]]) -> float:
+    import httpx
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        tokens = 0
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    tokens += len(json.loads(line[6:])["choices"])
+        return tokens
+
+    limits = httpx.Limits(max_connections=len(batch) + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one(client, p) for p in batch))
+        return sum(tokens) / (time.perf_counter() - start)
+
+
+@asynccontextmanager
+async def served(threads: int) -> Any:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--threads",
+         str(threads), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-mb", str(KV_CACHE_MB),
+         "--served-model-name", "bench", "--log-level", "warning"],
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if server.poll() is not None:
+                    raise RuntimeError("streamgen serve exited") from None
+            await asyncio.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from streamgen import Engine, EngineConfig
+
+    batch = prompts(args.requests)
+    config = EngineConfig(
+        threads=args.threads, max_model_len=MAX_MODEL_LEN, kv_cache_bytes=KV_CACHE_MB << 20
+    )
+    samples: dict[str, list[float]] = {"sdk": [], "http": []}
+    async with Engine(None, config) as engine, served(args.threads) as url:
+        await sdk_arm(engine, batch[:2])  # warm both up
+        await http_arm(url, batch[:2])
+        for rep in range(args.repeats):
+            order = ("sdk", "http") if rep % 2 == 0 else ("http", "sdk")
+            for arm in order:
+                value = await (sdk_arm(engine, batch) if arm == "sdk" else http_arm(url, batch))
+                samples[arm].append(value)
+                print(f"rep={rep} {arm}: {value:.1f} tok/s", file=sys.stderr)
+    sdk, http = statistics.median(samples["sdk"]), statistics.median(samples["http"])
+    now = dt.datetime.now(dt.timezone.utc)
+    return {
+        "format": 1, "scenario": "serve", "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m bench.serve " + shlex.join(sys.argv[1:]),
+        "commit": git_commit(), "machine": machine(), "cpu_flags": simd_flags(),
+        "threads": args.threads, "repeats": args.repeats, "requests": args.requests,
+        "sdk_tok_s": sdk, "http_tok_s": http, "ratio": http / sdk, "samples": samples,
+    }  # fmt: skip
+
+
+def render(record: dict[str, Any]) -> str:
+    return "\n".join([
+        f"## serve — {record['date']}", "",
+        f"- command: `{record['command']}`",
+        f"- commit: `{record['commit']}`; machine: {record['machine']}; "
+        f"CPU flags: {', '.join(record['cpu_flags'])}",
+        f"- {record['requests']} requests at once (prompts of 50-450 token ids, "
+        f"{NEW_TOKENS} new tokens each, greedy, EOS ignored), the default GGUF, "
+        f"{record['threads']} threads; medians of {record['repeats']}, arms alternating", "",
+        "| arm | tok/s |", "|---|---|",
+        f"| SDK (`engine.stream`, in process) | {record['sdk_tok_s']:.1f} |",
+        f"| HTTP (`streamgen serve`, SSE, httpx clients) | {record['http_tok_s']:.1f} |",
+        f"| HTTP ÷ SDK | **{record['ratio']:.2f}x** |",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=32)
+    args = parser.parse_args(argv)
+    record = asyncio.run(run(args))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = RESULTS_DIR / f"serve-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(render(record))
+    print(f"record: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
