@@ -167,3 +167,18 @@ def save_record(
     path = out_dir / f"{record_stem(scenario, now)}.json"
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def write_record(scenario: str, record: dict[str, Any], markdown: str) -> Path:
+    """Save a standalone runner's record as ``results/<scenario>-<UTC stamp>.json``, print
+    its markdown section (what bench.report renders into RESULTS.md) and the path."""
+    import datetime as dt
+    import json
+    import sys
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = RESULTS_DIR / f"{scenario}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(markdown)
+    print(f"record: {path}", file=sys.stderr)
+    return path

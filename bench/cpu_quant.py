@@ -38,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, git_commit, machine
+from bench.common import git_commit, machine, write_record
 from bench.llama_cpp_tools import ISA_CMAKE_FLAGS, simd_flags, tool
 from streamgen.native.qkernels import ISA_ENV_VAR
 
@@ -280,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.isa != "native":
         os.environ[ISA_ENV_VAR] = args.isa
     record = asyncio.run(run(args))
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = RESULTS_DIR / f"cpu_quant-{stamp}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(render(record))
-    print(f"record: {path}", file=sys.stderr)
+    write_record("cpu_quant", record, render(record))
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from bench.common import RESULTS_DIR, git_commit, machine
+from bench.common import git_commit, machine, write_record
 from bench.llama_cpp_tools import simd_flags
 
 NEW_TOKENS = 128
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     args = parser.parse_args(argv)
     record = asyncio.run(run(args))
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = RESULTS_DIR / f"serve-{stamp}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(render(record))
-    print(f"record: {path}", file=sys.stderr)
+    write_record("serve", record, render(record))
     return 0
 
 
