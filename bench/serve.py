@@ -1,5 +1,6 @@
 """The HTTP layer's cost: 32 streaming clients through `streamgen serve` against the same
-32 requests through the SDK, in one run, alternating.
+32 requests through the SDK, and through llama.cpp's `llama-server -np 32` (its OpenAI
+`/v1/completions`, the same client code), in one run, alternating.
 
     python -m bench.serve [--threads 2] [--repeats 3] [--requests 32]
 
@@ -8,13 +9,16 @@ settings, prompts of 50-450 token ids (fixed seed), 128 new tokens each, greedy,
 ignored, all submitted at once. The SDK arm runs `engine.stream()` in this process; the
 HTTP arm starts `streamgen serve` as a subprocess (a server is another process in use)
 and reads `/v1/completions` server-sent events with httpx, one connection per request.
-Each arm reports output tokens over wall time; the record names the CPU flags.
+The llama.cpp arm serves the same GGUF with the same thread count (built by
+bench/llama_cpp_tools.py; `--no-llama-cpp` skips it). Each arm reports output tokens over
+wall time; the record names the CPU flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import random
@@ -73,6 +77,44 @@ async def http_arm(url: str, batch: list[list[int]]) -> float:
         return sum(tokens) / (time.perf_counter() - start)
 
 
+async def _wait_healthy(url: str, server: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None:
+            raise RuntimeError(f"{server.args[0]} exited")
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{server.args[0]} did not become healthy")
+
+
+@asynccontextmanager
+async def llama_served(threads: int, requests: int) -> Any:
+    from bench.llama_cpp_tools import tool
+    from streamgen.checkpoint import default_gguf_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(tool("llama-server")), "-m", str(default_gguf_path()), "-t", str(threads),
+         "-np", str(requests), "-c", str(requests * (450 + NEW_TOKENS + 16)),
+         "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url, server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 @asynccontextmanager
 async def served(threads: int) -> Any:
     with socket.socket() as sock:
@@ -85,16 +127,7 @@ async def served(threads: int) -> Any:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if server.poll() is not None:
-                    raise RuntimeError("streamgen serve exited") from None
-            await asyncio.sleep(0.2)
+        await _wait_healthy(url, server)
         yield url
     finally:
         server.terminate()
@@ -108,17 +141,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = EngineConfig(
         threads=args.threads, max_model_len=MAX_MODEL_LEN, kv_cache_bytes=KV_CACHE_MB << 20
     )
-    samples: dict[str, list[float]] = {"sdk": [], "http": []}
-    async with Engine(None, config) as engine, served(args.threads) as url:
-        await sdk_arm(engine, batch[:2])  # warm both up
-        await http_arm(url, batch[:2])
+    arms = ("sdk", "http", "llama.cpp") if args.llama_cpp else ("sdk", "http")
+    samples: dict[str, list[float]] = {arm: [] for arm in arms}
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(Engine(None, config))
+        urls = {"http": await stack.enter_async_context(served(args.threads))}
+        if args.llama_cpp:
+            urls["llama.cpp"] = await stack.enter_async_context(
+                llama_served(args.threads, args.requests)
+            )
+        await sdk_arm(engine, batch[:2])  # warm every arm up
+        for url in urls.values():
+            await http_arm(url, batch[:2])
         for rep in range(args.repeats):
-            order = ("sdk", "http") if rep % 2 == 0 else ("http", "sdk")
-            for arm in order:
-                value = await (sdk_arm(engine, batch) if arm == "sdk" else http_arm(url, batch))
+            for arm in arms if rep % 2 == 0 else arms[::-1]:
+                run_arm = sdk_arm(engine, batch) if arm == "sdk" else http_arm(urls[arm], batch)
+                value = await run_arm
                 samples[arm].append(value)
                 print(f"rep={rep} {arm}: {value:.1f} tok/s", file=sys.stderr)
     sdk, http = statistics.median(samples["sdk"]), statistics.median(samples["http"])
+    llama = statistics.median(samples["llama.cpp"]) if args.llama_cpp else None
     now = dt.datetime.now(dt.timezone.utc)
     return {
         "format": 1, "scenario": "serve", "date": now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -126,7 +168,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "commit": git_commit(), "machine": machine(), "cpu_flags": simd_flags(),
         "threads": args.threads, "repeats": args.repeats, "requests": args.requests,
         "sdk_tok_s": sdk, "http_tok_s": http, "ratio": http / sdk, "samples": samples,
+        "llama_cpp_tok_s": llama, "paired_ratio": paired_ratio(samples),
     }  # fmt: skip
+
+
+def paired_ratio(samples: dict[str, list[float]]) -> float:
+    """HTTP over SDK per repetition (the two ran back to back), their median: steadier
+    than the ratio of medians on a machine whose speed drifts between repetitions."""
+    return statistics.median(h / s for h, s in zip(samples["http"], samples["sdk"], strict=True))
 
 
 def render(record: dict[str, Any]) -> str:
@@ -141,7 +190,14 @@ def render(record: dict[str, Any]) -> str:
         "| arm | tok/s |", "|---|---|",
         f"| SDK (`engine.stream`, in process) | {record['sdk_tok_s']:.1f} |",
         f"| HTTP (`streamgen serve`, SSE, httpx clients) | {record['http_tok_s']:.1f} |",
-        f"| HTTP ÷ SDK | **{record['ratio']:.2f}x** |",
+        f"| HTTP ÷ SDK, median of the repetitions' ratios | "
+        f"**{record.get('paired_ratio', record['ratio']):.2f}x** |",
+        f"| HTTP ÷ SDK, ratio of the medians | {record['ratio']:.2f}x |",
+        *([f"| llama.cpp (`llama-server -np {record['requests']}`, its `/v1/completions`, "
+           f"the same clients) | {record['llama_cpp_tok_s']:.1f} |",
+           f"| streamgen HTTP ÷ llama-server | "
+           f"**{record['http_tok_s'] / record['llama_cpp_tok_s']:.2f}x** |"]
+          if record.get("llama_cpp_tok_s") else []),
     ])  # fmt: skip
 
 
@@ -151,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     args = parser.parse_args(argv)
     record = asyncio.run(run(args))
     write_record("serve", record, render(record))
