@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -93,45 +94,41 @@ async def _wait_healthy(url: str, server: subprocess.Popen[bytes]) -> None:
 
 
 @asynccontextmanager
-async def llama_served(threads: int, requests: int) -> Any:
+async def _server_process(command: Callable[[int], list[str]], quiet: bool) -> Any:
+    """``command(port)`` run on a free port until it answers /health; its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    output = subprocess.DEVNULL if quiet else None
+    server = subprocess.Popen(command(port), stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url, server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def llama_served(threads: int, requests: int) -> Any:
+    """``llama-server -np requests`` on the default GGUF (llama.cpp logs every request)."""
     from bench.llama_cpp_tools import tool
     from streamgen.checkpoint import default_gguf_path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(tool("llama-server")), "-m", str(default_gguf_path()), "-t", str(threads),
-         "-np", str(requests), "-c", str(requests * (450 + NEW_TOKENS + 16)),
-         "--port", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_healthy(url, server)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    return _server_process(lambda port: [
+        str(tool("llama-server")), "-m", str(default_gguf_path()), "-t", str(threads),
+        "-np", str(requests), "-c", str(requests * (450 + NEW_TOKENS + 16)),
+        "--port", str(port), "--host", "127.0.0.1",
+    ], quiet=True)  # fmt: skip
 
 
-@asynccontextmanager
-async def served(threads: int) -> Any:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--threads",
-         str(threads), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-mb", str(KV_CACHE_MB),
-         "--served-model-name", "bench", "--log-level", "warning"],
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_healthy(url, server)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+def served(threads: int) -> Any:
+    """``streamgen serve`` with the SDK arm's engine settings."""
+    return _server_process(lambda port: [
+        sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--threads",
+        str(threads), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-mb", str(KV_CACHE_MB),
+        "--served-model-name", "bench", "--log-level", "warning",
+    ], quiet=False)  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

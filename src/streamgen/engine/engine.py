@@ -188,6 +188,15 @@ class Engine:
         return self.config.max_model_len or self._loaded.spec.max_position_embeddings
 
     @property
+    def model_path(self) -> Path | None:
+        """The checkpoint directory or GGUF file served (once started: the resolved
+        path, the default model's included); None before start for the default model."""
+        if self._loaded is not None:
+            return Path(self._loaded.path)
+        arg = self._model_arg
+        return Path(arg) if isinstance(arg, str | Path) else None
+
+    @property
     def tokenizer(self) -> Any:
         if self._loaded is None:
             raise EngineNotStartedError("the tokenizer is loaded when the engine starts")

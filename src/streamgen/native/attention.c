@@ -185,17 +185,13 @@ int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache, cons
 }
 
 int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int64_t *query_start,
-                      const int64_t *seq_lens, const uint8_t *tree_mask, int64_t tree_stride,
-                      int64_t *max_cells) {
+                  const int64_t *seq_lens, const uint8_t *tree_mask, int64_t tree_stride) {
     if (md->num_kv_heads <= 0 || md->num_heads % md->num_kv_heads || md->head_dim % 2) return SG_EINVAL;
     if (num_seqs < 1 || query_start[0] != 0 || query_start[num_seqs] != m) return SG_EINVAL;
-    *max_cells = 1;
     for (int64_t b = 0; b < num_seqs; b++) {
         const int64_t q_len = query_start[b + 1] - query_start[b];
         if (q_len < 1 || seq_lens[b] < q_len || (tree_mask != NULL && q_len > tree_stride))
             return SG_EINVAL;
-        const int64_t rows = q_len < ATTEND_ROWS ? q_len : ATTEND_ROWS;
-        *max_cells = rows * seq_lens[b] > *max_cells ? rows * seq_lens[b] : *max_cells;
     }
     return SG_OK;
 }
@@ -211,8 +207,7 @@ int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_ca
                        const float *q, int64_t m, int64_t num_seqs, const int64_t *query_start,
                        const int64_t *seq_lens, const int64_t *block_tables, int64_t bt_stride,
                        const uint8_t *tree_mask, int64_t tree_stride, float *out) {
-    int64_t max_cells;
-    const int rc = sg_check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride, &max_cells);
+    const int rc = sg_check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride);
     if (rc != SG_OK) return rc;
     const sg_step st = {NULL, NULL, NULL, query_start, seq_lens, block_tables,
                         num_seqs, bt_stride, tree_mask, tree_stride};

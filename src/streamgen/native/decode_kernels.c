@@ -266,8 +266,7 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
                       int64_t num_seqs, const int64_t *query_start, const int64_t *seq_lens,
                       const int64_t *block_tables, int64_t bt_stride, const uint8_t *tree_mask,
                       int64_t tree_stride, const void *final_norm, float *out) {
-    int64_t max_cells;
-    const int rc = sg_check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride, &max_cells);
+    const int rc = sg_check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride);
     if (rc != SG_OK) return rc;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_linear *lins[4] = {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down};

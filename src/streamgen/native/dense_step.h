@@ -57,10 +57,10 @@ typedef struct {
 
 #define SG_INTERNAL __attribute__((visibility("hidden")))
 
-/* Checks a step's layout; *max_cells = the largest min(q_len, ATTEND_ROWS) * seq_len. */
+/* Checks a step's layout (heads, query ranges, lengths, tree width): SG_OK or SG_EINVAL. */
 SG_INTERNAL int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs,
                               const int64_t *query_start, const int64_t *seq_lens,
-                              const uint8_t *tree_mask, int64_t tree_stride, int64_t *max_cells);
+                              const uint8_t *tree_mask, int64_t tree_stride);
 
 /* Attend the m rows of a step (attention.c). q [m, q_stride] holds each row's rotated
  * query heads first; out [m, out_stride] gets each row's num_heads * head_dim outputs.

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
+from starlette.types import Receive
 
 from streamgen.engine.events import TokenEvent
 from streamgen.engine.stream import RequestStream
@@ -31,6 +32,7 @@ class Choice:
     index: int
     stream: RequestStream | None
     prompt_ids: list[int]
+    echo: str = ""  # the prompt's text, returned before the completion (``echo``)
     start: Callable[[], RequestStream] | None = None
     leader: Choice | None = None
     prompt_done: anyio.Event = field(default_factory=anyio.Event)
@@ -126,3 +128,23 @@ async def run_merged(
                 ended += item.event is None
     finally:
         cancel_all(choices)
+
+
+async def until_disconnect(
+    receive: Receive,
+    choices: list[Choice],
+    work: Callable[[], Awaitable[None]],
+) -> None:
+    """Run ``work`` while watching the ASGI ``receive``: a client that disconnects first
+    cancels every choice (their KV blocks are freed at the core's next step) and the work."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel_all(choices)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await work()
+        tg.cancel_scope.cancel()

@@ -13,7 +13,7 @@ messages.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -186,5 +186,3 @@ class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
 
-
-FinishReason = Literal["stop", "length"]

@@ -5,10 +5,13 @@ reference the tests parse them with).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from streamgen.engine.events import TokenEvent
+from streamgen.server.generation import Choice
 
 TokenText = Callable[[int], str]
 
@@ -87,3 +90,72 @@ def echoed_logprobs(
 def finish_reason(reason: str | None) -> str | None:
     """The engine's "stop" / "length" as the API's; an abort has no API reason."""
     return reason if reason in ("stop", "length") else None
+
+
+def token_text_of(tokenizer: Any) -> TokenText:
+    """A token id's text as logprobs name it (the token decoded alone)."""
+
+    def text(token_id: int) -> str:
+        return str(tokenizer.decode([token_id]))
+
+    return text
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every response object and chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+    logprobs: bool
+    prompt_tokens: int
+
+    def completion_logprobs_of(self, c: Choice, token_text: TokenText) -> dict[str, Any] | None:
+        """A completions choice's legacy logprobs: over the echoed prompt too, if echoed."""
+        if not self.logprobs:
+            return None
+        if c.echo:
+            scored = c.stream.prompt_logprobs if c.stream else None
+            return echoed_logprobs(c.prompt_ids, scored, c.events, token_text)
+        return completion_logprobs(c.events, token_text, 0)
+
+    def full_response(self, choices: list[Choice], token_text: TokenText) -> dict[str, Any]:
+        out = []
+        for c in choices:
+            reason = finish_reason(c.finish_reason)
+            if self.chat:
+                out.append({
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": chat_logprobs(c.events, token_text) if self.logprobs else None,
+                    "finish_reason": reason,
+                })  # fmt: skip
+            else:
+                out.append({
+                    "index": c.index,
+                    "text": c.echo + c.text,
+                    "logprobs": self.completion_logprobs_of(c, token_text),
+                    "finish_reason": reason,
+                })  # fmt: skip
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": out,
+            "usage": usage(self.prompt_tokens, sum(len(c.events) for c in choices)),
+        }
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        """One server-sent event of a streamed response."""
+        payload = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
