@@ -8,6 +8,7 @@ written before the scenario suite (no ``format`` key) keep their own layout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 from pathlib import Path
@@ -113,6 +114,12 @@ def _throughput_section(record: dict[str, Any]) -> str:
 
 
 LEGACY_SECTIONS = {"latency": _latency_section, "throughput": _throughput_section}
+# Scenarios recorded by their own runner, which renders its records (``render(record)``).
+STANDALONE_RUNNERS = {
+    "cpu_quant": "bench.cpu_quant",
+    "serve": "bench.serve",
+    "lm_eval": "bench.lm_eval_check",
+}
 
 
 def render(results_dir: Path = RESULTS_DIR, md_path: Path = RESULTS_MD) -> str:
@@ -124,14 +131,9 @@ def render(results_dir: Path = RESULTS_DIR, md_path: Path = RESULTS_MD) -> str:
     for record in records:
         if record.get("format") == 2:
             parts.append(_suite_section(record, md_path.parent, results_dir))
-        elif record.get("scenario") == "cpu_quant":
-            from bench.cpu_quant import render as render_cpu_quant
-
-            parts.append(render_cpu_quant(record))
-        elif record.get("scenario") == "serve":
-            from bench.serve import render as render_serve
-
-            parts.append(render_serve(record))
+        elif record.get("scenario") in STANDALONE_RUNNERS:
+            runner = importlib.import_module(STANDALONE_RUNNERS[record["scenario"]])
+            parts.append(runner.render(record))
         elif record["scenario"] in LEGACY_SECTIONS:
             parts.append(LEGACY_SECTIONS[record["scenario"]](record))
     return "\n\n".join(parts) + "\n"

@@ -94,7 +94,7 @@ async def _wait_healthy(url: str, server: subprocess.Popen[bytes]) -> None:
 
 
 @asynccontextmanager
-async def _server_process(command: Callable[[int], list[str]], quiet: bool) -> Any:
+async def server_process(command: Callable[[int], list[str]], quiet: bool) -> Any:
     """``command(port)`` run on a free port until it answers /health; its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,7 +115,7 @@ def llama_served(threads: int, requests: int) -> Any:
     from bench.llama_cpp_tools import tool
     from streamgen.checkpoint import default_gguf_path
 
-    return _server_process(lambda port: [
+    return server_process(lambda port: [
         str(tool("llama-server")), "-m", str(default_gguf_path()), "-t", str(threads),
         "-np", str(requests), "-c", str(requests * (450 + NEW_TOKENS + 16)),
         "--port", str(port), "--host", "127.0.0.1",
@@ -124,7 +124,7 @@ def llama_served(threads: int, requests: int) -> Any:
 
 def served(threads: int) -> Any:
     """``streamgen serve`` with the SDK arm's engine settings."""
-    return _server_process(lambda port: [
+    return server_process(lambda port: [
         sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--threads",
         str(threads), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-mb", str(KV_CACHE_MB),
         "--served-model-name", "bench", "--log-level", "warning",
@@ -199,8 +199,11 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)

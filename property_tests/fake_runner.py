@@ -8,7 +8,7 @@ swap or copy changes the output or fails the assertion.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 
 from streamgen.runner.batch import ModelBatch, RunnerOutput
@@ -18,9 +18,16 @@ from streamgen.spec.tree import DraftTree
 
 
 class FakeRunner:
-    def __init__(self, block_size: int, next_token: Callable[[Sequence[int]], int]) -> None:
+    """``next_token(context)`` is the model; ``seeded``: it is ``next_token(context, seed)``
+    with the request's ``SamplingParams.seed`` (0 when None), so that requests of one
+    prompt (parallel samples) write different tokens into their slots."""
+
+    def __init__(
+        self, block_size: int, next_token: Callable[..., int], seeded: bool = False
+    ) -> None:
         self.block_size = block_size
-        self.next_token = next_token
+        self.model = next_token
+        self.seeded = seeded
         self.device: dict[int, dict[int, int]] = {}
         self.host: dict[int, dict[int, int]] = {}
 
@@ -42,14 +49,13 @@ class FakeRunner:
             if chunk.sampling is not None:
                 tree = chunk.tree or DraftTree()
                 root_end = chunk.end_pos - len(tree)
-                context = [
-                    self.device.get(table[p // bs], {}).get(p % bs) for p in range(root_end)
-                ]
+                context = [self.device.get(table[p // bs], {}).get(p % bs) for p in range(root_end)]
                 known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
                 assert context == known, (chunk.request_id, context, known)
                 # Verify the tree: row r's "draw" is the true next token after its path.
-                drawn = [self.next_token(known)] + [
-                    self.next_token(known + [tree.tokens[n] for n in tree.path_to(node)])
+                seed = (chunk.sampling.params.seed or 0,) if self.seeded else ()
+                drawn = [self.model(known, *seed)] + [
+                    self.model(known + [tree.tokens[n] for n in tree.path_to(node)], *seed)
                     for node in range(len(tree))
                 ]
                 acceptance = accept_path(tree, drawn)
@@ -63,9 +69,10 @@ class FakeRunner:
 
 
 def attach_fake_trees(
-    out: SchedulerOutput, next_token: Callable[[Sequence[int]], int], salt: int
+    out: SchedulerOutput, next_token: Callable[..., int], salt: int, seeded: bool = False
 ) -> SchedulerOutput:
-    """Give every request with a draft budget a tree mixing right and wrong drafts."""
+    """Give every request with a draft budget a tree mixing right and wrong drafts
+    (``seeded`` as for :class:`FakeRunner`)."""
     chunks = []
     for chunk in out.batch.chunks:
         budget = out.draft_budgets.get(chunk.request_id)
@@ -74,12 +81,14 @@ def attach_fake_trees(
             continue
         max_nodes, max_depth = budget
         known = [*chunk.sampling.prompt_token_ids, *chunk.sampling.output_token_ids]
+        seed = (chunk.sampling.params.seed or 0,) if seeded else ()
         right: list[int] = []
         for _ in range(max_depth):
-            right.append(next_token(known + right))
+            right.append(next_token(known + right, *seed))
         cut = (salt + len(known)) % (max_depth + 1)  # the first wrong draft's depth
         wrong = [*right[:cut], 1000 + salt % 7, *right[cut + 1 :]]
-        tree = DraftTree.from_paths([wrong, right] if salt % 2 else [right[:cut], wrong],
-                                    max_nodes=max_nodes)
+        tree = DraftTree.from_paths(
+            [wrong, right] if salt % 2 else [right[:cut], wrong], max_nodes=max_nodes
+        )
         chunks.append(replace(chunk, token_ids=[*chunk.token_ids, *tree.tokens], tree=tree))
     return replace(out, batch=ModelBatch(chunks))

@@ -79,9 +79,9 @@ def check_scheduler(scheduler: Scheduler, live_ids: Iterable[str], gone_ids: Ite
     bm = scheduler.block_manager
     check_block_manager(bm, {rid: i for i, rid in enumerate(bm.request_ids())})
     running, waiting = scheduler.running_ids(), scheduler.waiting_ids()
-    swapped = scheduler.swapped_ids()
-    queued = running + waiting + swapped
-    assert len(queued) == len(set(queued)), (running, waiting, swapped)
+    swapped, forking = scheduler.swapped_ids(), scheduler.forking_ids()
+    queued = running + waiting + swapped + forking
+    assert len(queued) == len(set(queued)), (running, waiting, swapped, forking)
     assert set(queued) == set(live_ids), (queued, sorted(live_ids))
     assert len(running) <= scheduler.config.max_num_seqs
     assert set(bm.request_ids()) == set(running) | set(swapped)
@@ -89,13 +89,14 @@ def check_scheduler(scheduler: Scheduler, live_ids: Iterable[str], gone_ids: Ite
         (running, RequestStatus.RUNNING),
         (waiting, RequestStatus.WAITING),
         (swapped, RequestStatus.SWAPPED),
+        (forking, RequestStatus.FORKING),
     )
     for ids, status in statuses:
         for rid in ids:
             req = scheduler.get_request(rid)
             assert req is not None and req.status is status, (rid, status)
             assert 0 <= req.num_computed_tokens <= req.num_tokens, rid
-            if status is RequestStatus.WAITING:
+            if status in (RequestStatus.WAITING, RequestStatus.FORKING):
                 assert req.num_computed_tokens == 0, rid
             else:
                 assert bm.is_swapped(rid) == (status is RequestStatus.SWAPPED), rid
@@ -104,9 +105,15 @@ def check_scheduler(scheduler: Scheduler, live_ids: Iterable[str], gone_ids: Ite
     stats = scheduler.stats()
     assert (stats.num_running, stats.num_waiting, stats.num_swapped) == (
         len(running),
-        len(waiting),
+        len(waiting) + len(forking),
         len(swapped),
     )
+    for rid in forking:  # waits for a live parent held before its prompt's last token
+        req = scheduler.get_request(rid)
+        assert req is not None and req.fork_parent is not None
+        parent = scheduler.get_request(req.fork_parent)
+        assert parent is not None and parent.hold_at == len(parent.prompt_token_ids) - 1
+        assert parent.num_computed_tokens <= parent.hold_at
 
 
 def check_scheduler_output(output: SchedulerOutput, config: SchedulerConfig) -> None:

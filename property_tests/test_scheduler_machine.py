@@ -1,8 +1,9 @@
-"""Random add / step / abort / set_priority / add_credit / speculate sequences
+"""Random add / fork / step / abort / set_priority / add_credit / speculate sequences
 keep the scheduler's invariants, every generated token equals what an
 unconstrained run produces (speculative steps included: right and wrong
-drafts, rejected slots trimmed), and once credit flows again every request
-finishes."""
+drafts, rejected slots trimmed; forked samples included: each its own seed, so a
+write into a block it still shares would change its siblings' tokens), and once
+credit flows again every request finishes."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ prompt_strategy = st.lists(st.integers(0, 2), min_size=1, max_size=14)
 credit_strategy = st.one_of(st.just(UNLIMITED_CREDIT), st.integers(0, 3))
 
 
-def next_token(tokens: Sequence[int]) -> int:
-    return (sum(tokens) * 31 + len(tokens)) % 97 + 3
+def next_token(tokens: Sequence[int], seed: int = 0) -> int:
+    return (sum(tokens) * 31 + len(tokens) + 7 * seed) % 97 + 3
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -48,8 +49,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         bm = BlockManager(num_blocks=10, block_size=BLOCK_SIZE, num_host_blocks=6)
         self.scheduler = Scheduler(self.config, bm, max_model_len=36)
-        self.runner = FakeRunner(BLOCK_SIZE, next_token)
+        self.runner = FakeRunner(BLOCK_SIZE, next_token, seeded=True)
         self.prompts: dict[str, list[int]] = {}
+        self.seeds: dict[str, int] = {}
         self.outputs: dict[str, list[int]] = {}
         self.gone: set[str] = set()
         self.next_id = 0
@@ -71,18 +73,37 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.scheduler.add_request(Request(rid, prompt, params, priority=priority, credit=credit))
         self.prompts[rid] = list(prompt)
         self.outputs[rid] = []
+        self.seeds[rid] = 0
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), seed=st.integers(1, 5), credit=credit_strategy)
+    def fork(self, data: st.DataObject, seed: int, credit: int) -> None:
+        """A parallel sample of a live request's prompt (forked if the parent is still
+        before its last prompt token, an ordinary request otherwise)."""
+        parent_id = data.draw(st.sampled_from(self._live()))
+        parent = self.scheduler.get_request(parent_id)
+        assert parent is not None
+        self.next_id += 1
+        rid = f"r{self.next_id}"
+        params = SamplingParams(temperature=0.0, max_tokens=parent.params.max_tokens, seed=seed)
+        child = Request(rid, parent.prompt_token_ids, params, parent.priority, credit=credit,
+                        fork_parent=parent_id)  # fmt: skip
+        self.scheduler.add_request(child)
+        self.prompts[rid] = list(parent.prompt_token_ids)
+        self.outputs[rid] = []
+        self.seeds[rid] = seed
 
     @rule()
     def step(self) -> None:
         out = self.scheduler.schedule()
         check_scheduler_output(out, self.config)
         self.num_steps += 1
-        out = attach_fake_trees(out, next_token, salt=self.num_steps)
+        out = attach_fake_trees(out, next_token, salt=self.num_steps, seeded=True)
         for rid, tokens, reason in self.scheduler.update(self.runner.execute(out)):
             self.outputs[rid].extend(tokens)
             context = list(self.prompts[rid])
             for token in self.outputs[rid]:  # same tokens as an unconstrained run
-                assert token == next_token(context), rid
+                assert token == next_token(context, self.seeds[rid]), rid
                 context.append(token)
             if reason is not None:
                 del self.prompts[rid]

@@ -278,3 +278,16 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
             raise _error("logit_bias", "biases must be in [-100, 100]", bias)
         pairs[token] = amount
     return tuple(sorted(pairs.items()))
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of parallel sample ``index`` of a request seeded ``seed``: the seed itself
+    for the first, a distinct derived one for each other (so ``n`` seeded samples differ
+    yet reproduce); None when unseeded.
+
+    >>> choice_seed(7, 0), choice_seed(None, 3), choice_seed(7, 1) == choice_seed(7, 1)
+    (7, None, True)
+    """
+    if seed is None or index == 0:
+        return seed
+    return hash((seed, index))

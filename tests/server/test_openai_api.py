@@ -270,6 +270,18 @@ def test_models_health_tokenize_detokenize(live: LiveServer) -> None:
     assert bad.status_code == 400
 
 
+def test_tokenizer_info_serves_a_remote_tokenizer(live: LiveServer) -> None:
+    """What lm-evaluation-harness's remote tokenizer reads: special tokens and the chat
+    template from ``/tokenizer_info``, their ids through ``/tokenize``."""
+    tokenizer = live.engine.tokenizer
+    info = httpx.get(f"{live.url}/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template and info["model_max_length"] == 1024
+    body = {"prompt": info["eos_token"], "add_special_tokens": False}
+    eos = httpx.post(f"{live.url}/tokenize", json=body).json()["tokens"]
+    assert eos == [tokenizer.eos_token_id]
+
+
 def test_metrics_count_requests_and_tokens(live: LiveServer) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -404,9 +416,7 @@ def test_logit_bias_bans_and_forces_tokens(live: LiveServer) -> None:
     )  # fmt: skip
     assert forced.choices[0].text == live.engine.tokenizer.decode([forced_id] * 3)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(
-            model=MODEL, prompt="x", max_tokens=1, logit_bias={str(10**7): 1}
-        )
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, logit_bias={str(10**7): 1})
 
 
 def test_a_client_that_stops_reading_pauses_only_its_own_request(live: LiveServer) -> None:
@@ -500,9 +510,9 @@ def test_echo_with_logprobs_scores_the_prompt(live: LiveServer) -> None:
 
 
 def test_n_choices_share_the_prompts_blocks(live: LiveServer) -> None:
-    """n=4 over a ~300-token prompt: the followers start once the leader's prompt is in
-    the prefix cache, so the prompt's full blocks are held once, not four times."""
-    wait_until_idle(live)
+    """n=4 over a ~300-token prompt: the other choices fork the first one's prompt
+    blocks, so the prompt's full blocks are held once, not four times."""
+    forks = wait_until_idle(live)["forks"]
     long = [{"role": "user", "content": " ".join(f"item{i}" for i in range(120))}]
     prompt_blocks = len(live.engine.tokenize(long)) // 16
     assert prompt_blocks >= 15
@@ -527,4 +537,4 @@ def test_n_choices_share_the_prompts_blocks(live: LiveServer) -> None:
     # shared: the prompt's full blocks once, plus a few blocks per choice (its partial
     # last block, what it generated so far); unshared it would be 4 x prompt_blocks
     assert used <= prompt_blocks + 4 * 5 < 4 * prompt_blocks
-    wait_until_idle(live)
+    assert wait_until_idle(live)["forks"] == forks + 3

@@ -29,6 +29,7 @@ from streamgen.engine.events import (
     Shutdown,
     StreamEnd,
     StreamError,
+    SubmitGroup,
     TokenEvent,
 )
 from streamgen.engine.metrics import RequestMetrics, ThroughputMeter
@@ -106,6 +107,11 @@ class EngineCore:
         """
         self._inbox.put((request, metrics or RequestMetrics()))
 
+    def submit_group(self, members: list[tuple[Request, RequestMetrics]]) -> None:
+        """Queue validated requests that the core adds between the same two steps (the
+        parallel samples of one prompt: the first is the one the others fork off)."""
+        self._inbox.put(SubmitGroup(tuple(members)))
+
     def send(self, command: Abort | SetPriority | Credit | Shutdown) -> None:
         self._inbox.put(command)
 
@@ -150,6 +156,10 @@ class EngineCore:
         problem = command_problem(item)
         if problem is not None:
             self._reject(*problem)
+            return
+        if isinstance(item, SubmitGroup):
+            for member in item.members:
+                self._apply(member)
             return
         try:
             self._apply_checked(item)
@@ -261,8 +271,7 @@ class EngineCore:
         sched = self.scheduler
         running = [sched.get_request(rid) for rid in sched.running_ids()]
         decoding = [
-            r for r in running
-            if r is not None and r.num_tokens - r.num_computed_tokens == 1
+            r for r in running if r is not None and r.num_tokens - r.num_computed_tokens == 1
         ]
         for req in decoding:
             if self._wants_speculation(req):
@@ -284,10 +293,16 @@ class EngineCore:
                 continue
             req = self.scheduler.get_request(chunk.request_id)
             assert req is not None  # scheduled this step, so running
-            inputs.append(DraftInput(
-                chunk.request_id, req.prompt_token_ids, req.output_token_ids,
-                req.num_computed_tokens, chunk.block_table, *budget,
-            ))
+            inputs.append(
+                DraftInput(
+                    chunk.request_id,
+                    req.prompt_token_ids,
+                    req.output_token_ids,
+                    req.num_computed_tokens,
+                    chunk.block_table,
+                    *budget,
+                )
+            )
         proposals = self.drafter.propose(inputs)
         trees = {
             inp.request_id: tree.truncate(inp.max_nodes).limit_depth(inp.max_depth)
@@ -301,7 +316,9 @@ class EngineCore:
         if not trees:
             return output.batch, {}
         chunks = [
-            chunk if chunk.request_id not in trees else replace(
+            chunk
+            if chunk.request_id not in trees
+            else replace(
                 chunk,
                 token_ids=[*chunk.token_ids, *trees[chunk.request_id].tokens],
                 tree=trees[chunk.request_id],
@@ -367,9 +384,17 @@ class EngineCore:
                 if state.num_emitted == 0 and rid in self._prompt_logprobs:
                     held = self._prompt_logprobs.pop(rid)
                     prompt = tuple(held[pos] for pos in sorted(held))
-                out.append(TokenEvent(token_id, text, logprob, state.num_emitted,
-                                      None if finish_now is None else finish_now.value, top,
-                                      prompt))
+                out.append(
+                    TokenEvent(
+                        token_id,
+                        text,
+                        logprob,
+                        state.num_emitted,
+                        None if finish_now is None else finish_now.value,
+                        top,
+                        prompt,
+                    )
+                )
                 state.num_emitted += 1
                 if finish_now is not None:
                     del self._text[rid]

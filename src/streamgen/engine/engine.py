@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.delivery import current_loop, loop_scheduler
 from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, StreamEnd, StreamError
-from streamgen.engine.stream import RequestStream
+from streamgen.engine.stream import RequestStream, SubmitOnce
 from streamgen.engine.validation import check_chat_messages, check_priority, check_prompt_type
 from streamgen.errors import (
     ConfigError,
@@ -38,7 +38,7 @@ from streamgen.runner.cuda_graph import CudaGraphConfig
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.runner.sampler import Sampler
-from streamgen.sampling_params import SamplingParams
+from streamgen.sampling_params import SamplingParams, choice_seed
 from streamgen.scheduler import Request, Scheduler, SchedulerConfig
 from streamgen.spec.factory import make_drafter
 from streamgen.spec.policy import SpeculationPolicy
@@ -160,8 +160,11 @@ class Engine:
         if isinstance(self._model_arg, LoadedModel):
             return self._model_arg
         return load_model(
-            self._model_arg, dtype=self.config.dtype, quantization=self.config.quantization,
-            threads=self.config.threads, activation_bits=self.config.activation_bits,
+            self._model_arg,
+            dtype=self.config.dtype,
+            quantization=self.config.quantization,
+            threads=self.config.threads,
+            activation_bits=self.config.activation_bits,
         )
 
     async def aclose(self) -> None:
@@ -216,6 +219,46 @@ class Engine:
         rendered with the model's chat template) or token ids. Invalid input
         raises a :class:`~streamgen.RequestError` before anything is queued.
         """
+        return self._start(prompt, params, 1, priority, buffer)[0]
+
+    def stream_choices(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        n: int = 2,
+        priority: int = 0,
+        *,
+        buffer: int | None = None,
+    ) -> list[RequestStream]:
+        """``n`` samples of one prompt (parallel sampling), each its own stream.
+
+        The prompt is computed once: the other samples fork the first one's KV blocks
+        when all of the prompt but its last token is computed, and each then computes
+        that token and samples on its own (the partial last block is copied on write,
+        every full block stays shared). With ``params.seed`` set, sample ``i`` uses the
+        seed :func:`~streamgen.sampling_params.choice_seed` derives (sample 0 the seed
+        itself), so the samples differ yet reproduce; unseeded, each draws from the
+        engine's generator. A request asking for ``prompt_logprobs`` is not forked (each
+        sample scores the prompt). Each stream is cancelled, reprioritised and
+        backpressured on its own.
+
+        >>> params = SamplingParams(temperature=0.8, seed=1)
+        >>> a, b = engine.stream_choices("Once upon a time", params)  # doctest: +SKIP
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RequestError(f"n must be an int >= 1, got {n!r}")
+        return self._start(prompt, params, n, priority, buffer)
+
+    def _start(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        n: int,
+        priority: int,
+        buffer: int | None,
+    ) -> list[RequestStream]:
+        """Check everything, then create ``n`` requests of one prompt (the first is the
+        one the others fork off) and their streams, and submit them together."""
         core = self._require_loop()
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -236,27 +279,49 @@ class Engine:
                 f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})"
             )
         check_prompt_type(prompt)
-        request_id = f"req-{next(self._ids)}"
-        send, receive = anyio.create_memory_object_stream[Any](capacity + 2)
+        ids = [f"req-{next(self._ids)}" for _ in range(n)]
+        channels = [anyio.create_memory_object_stream[Any](capacity + 2) for _ in range(n)]
+        choice_params = [replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
 
-        def make_request(token_ids: list[int]) -> Request:
-            request = Request(request_id, token_ids, params, priority, credit=capacity)
-            request.check_prompt(
+        def make_requests(token_ids: list[int]) -> list[Request]:
+            requests = [
+                Request(rid, token_ids, p, priority, credit=capacity,
+                        fork_parent=ids[0] if i else None)
+                for i, (rid, p) in enumerate(zip(ids, choice_params, strict=True))
+            ]  # fmt: skip
+            requests[0].check_prompt(
                 self.max_model_len, core.runner.num_blocks, self.config.block_size
             )
-            return request
+            return requests
+
+        def submit(requests: list[Request]) -> None:
+            members = []
+            for request, (send, _), stream in zip(requests, channels, streams, strict=True):
+                if stream.status == "cancelled":  # cancelled before its deferred submission
+                    continue
+                self._senders[request.request_id] = send
+                members.append((request, stream.metrics))
+            core.submit_group(members)
 
         if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
+
             async def submit_later() -> None:
                 token_ids = await anyio.to_thread.run_sync(self._tokenize, prompt)
-                self._submit(core, make_request(token_ids), send, stream)
+                submit(make_requests(token_ids))
 
-            stream = RequestStream(request_id, receive, self, submit_later)
-            return stream
-        request = make_request(self._tokenize(prompt))
-        stream = RequestStream(request_id, receive, self)
-        self._submit(core, request, send, stream)
-        return stream
+            once = SubmitOnce(submit_later)  # whichever stream is read first submits all
+            streams = [
+                RequestStream(rid, receive, self, once)
+                for rid, (_, receive) in zip(ids, channels, strict=True)
+            ]
+            return streams
+        requests = make_requests(self._tokenize(prompt))
+        streams = [
+            RequestStream(rid, receive, self)
+            for rid, (_, receive) in zip(ids, channels, strict=True)
+        ]
+        submit(requests)
+        return streams
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
@@ -297,6 +362,7 @@ class Engine:
             "waiting": sched.num_waiting,
             "swapped": sched.num_swapped,
             "preemptions": sched.num_preemptions,
+            "forks": sched.num_forks,  # parallel samples that forked a prompt's KV blocks
             "kv_blocks_total": blocks.num_total_blocks,
             "kv_blocks_free": blocks.num_free_blocks,
             "kv_blocks_used": blocks.num_used_blocks,
@@ -308,7 +374,8 @@ class Engine:
                 "total_s": core.step_seconds,
                 "kernel_s": core.runner.kernel_seconds,
                 "host_s": max(0.0, core.step_seconds - core.runner.kernel_seconds),
-                "host_ms_per_step": 1e3 * max(0.0, core.step_seconds - core.runner.kernel_seconds)
+                "host_ms_per_step": 1e3
+                * max(0.0, core.step_seconds - core.runner.kernel_seconds)
                 / max(1, core.num_steps),
             },
             "generated_tokens": core.throughput.total_tokens,
@@ -317,9 +384,9 @@ class Engine:
             "cuda_graphs": core.runner.graphs is not None,
             # Small CPU decode steps in one native call (model/native_decode.py).
             "native_decode": core.runner.loaded.model.native_decoder is not None,
-            "speculation": None if core.drafter is None else {
-                "method": core.drafter.name, **core.speculation.as_dict()
-            },
+            "speculation": None
+            if core.drafter is None
+            else {"method": core.drafter.name, **core.speculation.as_dict()},
         }
 
     @property
@@ -356,10 +423,15 @@ class Engine:
         elif prompt and all(isinstance(m, Mapping) for m in prompt):
             check_chat_messages(prompt)
             try:
-                token_ids = list(tokenizer.apply_chat_template(
-                    list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False,
-                    **(chat_template_kwargs or {}),
-                ))
+                token_ids = list(
+                    tokenizer.apply_chat_template(
+                        list(prompt),
+                        add_generation_prompt=True,
+                        tokenize=True,
+                        return_dict=False,
+                        **(chat_template_kwargs or {}),
+                    )
+                )
             except Exception as exc:  # the template's own errors (jinja raise_exception, ...)
                 raise InvalidPromptError(f"the chat template failed: {exc}") from exc
         elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +65,12 @@ class Credit:
 @dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitGroup:
+    """Requests the core adds in one go (between two steps): the parallel samples of
+    one prompt, the first the one the others fork off. Each member is a
+    ``(Request, RequestMetrics)`` pair, checked like a single submission."""
+
+    members: tuple[Any, ...]

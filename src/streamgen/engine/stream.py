@@ -133,3 +133,28 @@ class RequestStream:
         # `break` out of `async for` drops the iterator: abort so its blocks are freed.
         if not getattr(self, "_done", True):
             self._control._abort(self.request_id)
+
+
+class SubmitOnce:
+    """A deferred submission shared by several streams (the samples of one prompt):
+    the first stream read runs it; the others wait for it and see its failure too."""
+
+    def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
+        self._work: Callable[[], Awaitable[None]] | None = work
+        self._done = anyio.Event()
+        self._error: BaseException | None = None
+
+    async def __call__(self) -> None:
+        if self._work is None:
+            await self._done.wait()
+            if self._error is not None:
+                raise self._error
+            return
+        work, self._work = self._work, None
+        try:
+            await work()
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._done.set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown
+from streamgen.engine.events import Abort, Credit, SetPriority, Shutdown, SubmitGroup
 from streamgen.engine.metrics import RequestMetrics
 from streamgen.errors import InvalidPromptError, RequestError
 from streamgen.scheduler import Request
@@ -38,6 +38,7 @@ def check_prompt_type(prompt: object) -> None:
         raise InvalidPromptError(f"prompt must be {allowed}, got {type(prompt).__name__}")
     if not prompt:
         raise InvalidPromptError("the prompt is empty")
+
     def is_token(item: object) -> bool:
         return isinstance(item, int) and not isinstance(item, bool)
 
@@ -75,8 +76,10 @@ def command_problem(item: object) -> tuple[str, str | None] | None:
     malformed command is dropped and reported, never raised inside the step loop.
     """
     if isinstance(item, tuple):
-        if len(item) != 2 or not isinstance(item[0], Request) or not isinstance(
-            item[1], RequestMetrics
+        if (
+            len(item) != 2
+            or not isinstance(item[0], Request)
+            or not isinstance(item[1], RequestMetrics)
         ):
             return f"not a (Request, RequestMetrics) pair: {item!r:.80}", None
         request = item[0]
@@ -85,6 +88,10 @@ def command_problem(item: object) -> tuple[str, str | None] | None:
         return None
     if isinstance(item, Shutdown):
         return None
+    if isinstance(item, SubmitGroup):
+        if not isinstance(item.members, tuple):
+            return f"group members are not a tuple: {item.members!r:.80}", None
+        return None  # each member is checked when it is applied
     if not isinstance(item, Abort | SetPriority | Credit):
         return f"unknown command {type(item).__name__} {item!r:.80}", None
     rid = item.request_id if isinstance(item.request_id, str) else None
@@ -96,7 +103,8 @@ def command_problem(item: object) -> tuple[str, str | None] | None:
         except RequestError as exc:
             return str(exc), rid
     if isinstance(item, Credit) and (
-        isinstance(item.num_tokens, bool) or not isinstance(item.num_tokens, int)
+        isinstance(item.num_tokens, bool)
+        or not isinstance(item.num_tokens, int)
         or item.num_tokens < 0
     ):
         return f"credit must be an int >= 0, got {item.num_tokens!r:.40}", rid

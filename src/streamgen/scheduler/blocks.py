@@ -20,10 +20,13 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 def num_new_tokens(req: Request, num_computed: int, budget: int, config: SchedulerConfig) -> int:
-    """Tokens the request computes next: what is left, capped by budget and chunk size."""
+    """Tokens the request computes next: what is left, capped by budget and chunk size
+    (and by ``hold_at`` while requests wait to fork off it)."""
     num_new = min(req.num_tokens - num_computed, budget)
     if config.long_prefill_chunk is not None:
         num_new = min(num_new, config.long_prefill_chunk)
+    if req.hold_at is not None:
+        num_new = min(num_new, req.hold_at - num_computed)
     return num_new
 
 
@@ -46,7 +49,9 @@ def start(bm: BlockManager, req: Request, step: StepState, config: SchedulerConf
     """
     rid = req.request_id
     # A request computing prompt logprobs needs every position's logits: no cached prefix.
-    num_hit = bm.get_computed_prefix(rid, () if req.wants_prompt_logprobs else req.all_token_ids)
+    # A fork parent's hit stays below its hold, so it always has a token to compute.
+    tokens = req.all_token_ids if req.hold_at is None else req.all_token_ids[: req.hold_at]
+    num_hit = bm.get_computed_prefix(rid, () if req.wants_prompt_logprobs else tokens)
     num_new = num_new_tokens(req, num_hit, step.budget, config)
     if not bm.can_allocate(rid, num_hit + num_new):
         bm.free(rid)

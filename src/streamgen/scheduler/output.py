@@ -53,6 +53,7 @@ class SchedulerStats:
     num_waiting: int
     num_swapped: int
     num_preemptions: int
+    num_forks: int = 0  # requests started by forking a parent's prompt (parallel sampling)
 
 
 @dataclass(slots=True)

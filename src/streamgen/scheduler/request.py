@@ -8,6 +8,8 @@ Invariants:
   recompute preemption); generated tokens are never dropped.
 * ``credit`` is how many more tokens the consumer can take; a request with
   ``credit <= 0`` is not scheduled (backpressure).
+* ``hold_at`` (parallel sampling): while set, the request computes at most that many
+  tokens, so that the requests forking off it share its prompt's KV up to there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no blocks (new or recompute-preempted)
     RUNNING = "running"  # holds device blocks and a running slot
     SWAPPED = "swapped"  # KV in host blocks (swap-preempted)
+    FORKING = "forking"  # waits for its fork parent's prompt (parallel sampling), no blocks
     FINISHED = "finished"  # done or aborted; holds nothing
 
 
@@ -64,6 +67,11 @@ class Request:
     # (set by the engine's speculation policy; 0 nodes = plain decoding).
     max_draft_nodes: int = 0
     max_draft_depth: int = 0
+    # Parallel sampling: the live request whose prompt KV this one shares (a fork of its
+    # block table once that prompt is computed but its last token), None once forked or
+    # for a request of its own. ``hold_at``: set on the parent until its forks are made.
+    fork_parent: str | None = None
+    hold_at: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -29,9 +29,19 @@ its priority plus one per ``priority_aging_s`` seconds since it was queued or la
 preempted (the scheduler's clock is injectable, so tests run on a fake one); off by
 default, so the strict order above is the default.
 
+Parallel sampling (``Request.fork_parent``): a request added with a live parent of the
+same prompt waits (FORKING) while the parent computes all of the prompt but its last
+token (``hold_at``); at the next schedule it forks the parent's block table (the block
+manager's refcounted sharing) and both compute that last token, each with its own sample,
+so the partial last block is copied on write and every full block stays shared. A fork
+that cannot be made (no running slot, the parent swapped out, aborted or past its hold)
+turns the request into an ordinary waiting one, which still shares the parent's full
+blocks through the prefix cache.
+
 Invariants: every live request is in exactly one of ``_running``,
-``_waiting``, ``_swapped``; only running requests hold device blocks,
-only swapped ones hold host blocks; finished requests hold nothing.
+``_waiting``, ``_swapped`` or its parent's entry of ``_forks``; only running
+requests hold device blocks, only swapped ones hold host blocks; finished
+requests hold nothing.
 """
 
 from __future__ import annotations
@@ -104,6 +114,8 @@ class Scheduler:
         self._running: list[Request] = []
         self._waiting: list[Request] = []
         self._swapped: list[Request] = []
+        self._forks: dict[str, list[Request]] = {}  # parent id -> requests to fork off it
+        self._num_forks = 0
         self._last_scheduled: dict[str, int] = {}
         self._last_drafts: dict[str, tuple[int, int]] = {}
         self._next_arrival = 0
@@ -129,10 +141,18 @@ class Scheduler:
         self._next_arrival += 1
         request.waiting_since = self._clock()
         request.num_computed_tokens = 0
-        request.status = RequestStatus.WAITING
         request.finish_reason = None
+        request.hold_at = None
         self._requests[request.request_id] = request
-        self._waiting.append(request)
+        parent = self._requests.get(request.fork_parent or "")
+        if parent is not None and _can_fork(parent, request):
+            request.status = RequestStatus.FORKING
+            parent.hold_at = len(parent.prompt_token_ids) - 1
+            self._forks.setdefault(parent.request_id, []).append(request)
+        else:
+            request.fork_parent = None
+            request.status = RequestStatus.WAITING
+            self._waiting.append(request)
 
     def abort_request(self, request_id: str) -> bool:
         """Finish the request now, in any state, freeing its blocks. False if unknown."""
@@ -177,12 +197,16 @@ class Scheduler:
     def swapped_ids(self) -> list[str]:
         return [r.request_id for r in self._swapped]
 
+    def forking_ids(self) -> list[str]:
+        return [r.request_id for children in self._forks.values() for r in children]
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self._running),
-            num_waiting=len(self._waiting),
+            num_waiting=len(self._waiting) + sum(len(c) for c in self._forks.values()),
             num_swapped=len(self._swapped),
             num_preemptions=self._num_preemptions,
+            num_forks=self._num_forks,
         )
 
     # ----- one step ---------------------------------------------------------------
@@ -190,12 +214,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Decide this step's batch. Call :meth:`update` with the runner's output next."""
         step = StepState(budget=self.config.max_num_batched_tokens)
+        self._make_forks()
         for req in sorted(self._running, key=Request.order_key):
             if step.budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING or req.credit <= 0:
                 continue
             num_new = blocks.num_new_tokens(req, req.num_computed_tokens, step.budget, self.config)
+            if num_new == 0:  # held at its fork point until the next schedule
+                continue
             if self._reserve_draft(req, num_new, step):
                 continue
             while not blocks.grow(self.block_manager, req, req.num_computed_tokens + num_new, step):
@@ -288,6 +315,34 @@ class Scheduler:
 
     # ----- internals ----------------------------------------------------------------
 
+    def _make_forks(self) -> None:
+        """Fork every parent that computed its prompt up to its hold (see the module doc);
+        a request that cannot fork now becomes an ordinary waiting one."""
+        for parent_id, children in list(self._forks.items()):
+            parent = self._requests[parent_id]
+            assert parent.hold_at is not None
+            if parent.num_computed_tokens < parent.hold_at:
+                continue  # still computing its prompt (or queued again after a preemption)
+            del self._forks[parent_id]
+            parent.hold_at = None
+            for child in children:
+                if parent.status is RequestStatus.RUNNING and (
+                    len(self._running) < self.config.max_num_seqs
+                ):
+                    self.block_manager.fork(parent_id, child.request_id)
+                    child.num_computed_tokens = parent.num_computed_tokens
+                    child.status = RequestStatus.RUNNING
+                    self._running.append(child)
+                    self._num_forks += 1
+                else:
+                    self._release_fork(child)
+
+    def _release_fork(self, child: Request) -> None:
+        child.fork_parent = None
+        child.status = RequestStatus.WAITING
+        child.waiting_since = self._clock()
+        self._waiting.append(child)
+
     def _reserve_draft(self, req: Request, num_new: int, step: StepState) -> bool:
         """Schedule a decode with room for a draft tree, if it fits without preempting.
 
@@ -302,9 +357,7 @@ class Scheduler:
         if req.params.max_tokens is not None:
             emit_room = min(emit_room, req.params.max_tokens - len(req.output_token_ids) - 1)
         max_depth = min(req.max_draft_depth, emit_room)
-        max_nodes = min(
-            req.max_draft_nodes, step.budget - 1, self._context_limit - req.num_tokens
-        )
+        max_nodes = min(req.max_draft_nodes, step.budget - 1, self._context_limit - req.num_tokens)
         if max_depth <= 0 or max_nodes <= 0:
             return False
         num_slots = req.num_tokens + max_nodes
@@ -357,8 +410,7 @@ class Scheduler:
             victims = [
                 r
                 for r in self._running
-                if r.request_id not in step.admitted
-                and (r.priority < priority or r.credit <= 0)
+                if r.request_id not in step.admitted and (r.priority < priority or r.credit <= 0)
             ]
             if not victims or not blocks.could_fit(bm, req, victims, self.config):
                 return False
@@ -385,8 +437,16 @@ class Scheduler:
             RequestStatus.WAITING: self._waiting,
             RequestStatus.SWAPPED: self._swapped,
         }.get(req.status)
+        if req.status is RequestStatus.FORKING:
+            assert req.fork_parent is not None
+            queue = self._forks[req.fork_parent]
+            if queue == [req]:  # the last to fork off it: the parent no longer holds
+                del self._forks[req.fork_parent]
+                self._requests[req.fork_parent].hold_at = None
         if queue is not None:
             queue.remove(req)
+        for child in self._forks.pop(req.request_id, []):  # a parent gone before its forks
+            self._release_fork(child)
         if req.request_id in self.block_manager:
             self.block_manager.free(req.request_id)
         req.status = RequestStatus.FINISHED
@@ -394,3 +454,18 @@ class Scheduler:
         del self._requests[req.request_id]
         self._last_scheduled.pop(req.request_id, None)
         self._last_drafts.pop(req.request_id, None)
+
+
+def _can_fork(parent: Request, child: Request) -> bool:
+    """Whether ``child`` can wait to fork off ``parent``: the same prompt, a token left to
+    compute each, the parent not past its hold point, neither scoring its prompt."""
+    num_prompt = len(parent.prompt_token_ids)
+    return (
+        parent.prompt_token_ids == child.prompt_token_ids
+        and num_prompt >= 2
+        and not parent.output_token_ids
+        and parent.num_computed_tokens <= num_prompt - 1
+        and parent.fork_parent is None
+        and parent.params.prompt_logprobs is None
+        and child.params.prompt_logprobs is None
+    )

@@ -5,8 +5,9 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as
 server-sent events or not), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
-(Prometheus), ``POST /tokenize``, ``POST /detokenize``. Bad input is a 400 in OpenAI's
-error shape before anything reaches the engine.
+(Prometheus), ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's
+shapes: lm-evaluation-harness's ``local-completions`` tokenizes through them). Bad input
+is a 400 in OpenAI's error shape before anything reaches the engine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -132,6 +133,12 @@ def openai_app(
         except Exception as exc:
             return _error_response(from_exception(exc))
 
+    async def tokenizer_info(request: Request) -> Response:
+        try:
+            return JSONResponse(_tokenizer_card(engine))
+        except Exception as exc:  # not started yet: 503
+            return _error_response(from_exception(exc))
+
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -140,6 +147,7 @@ def openai_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.engine = engine
@@ -219,37 +227,23 @@ async def _generate(
 
 
 def _start_choices(server: _Server, body: Any) -> tuple[list[Choice], int]:
-    """Every choice's stream (prompts x n), each choice with its own seed. A refused
+    """Every choice's stream (prompts x n): the ``n`` of a prompt are parallel samples
+    (``Engine.stream_choices``: one prompt computation, distinct derived seeds). A refused
     request (bad sampling values, a prompt over the context) cancels the ones started."""
     engine = server.engine
     params: SamplingParams = body.params()
-    seeds = body.choice_seeds()
     if isinstance(body, ChatCompletionRequest):
         kwargs = body.chat_template_kwargs or {}
         prompts: list[list[int]] = [engine.tokenize(body.messages_as_dicts(), **kwargs)]
     else:
         prompts = [engine.tokenize(p) for p in body.prompts()]
     echo = isinstance(body, CompletionRequest) and body.echo
-    # The n choices of a prompt share its blocks through the prefix cache: followers
-    # start once the leader's prompt is cached (not when every position is scored anyway).
-    share = engine.config.enable_prefix_caching and params.prompt_logprobs is None
     choices: list[Choice] = []
     try:
-        for p, ids in enumerate(prompts):
-            leader = None
+        for ids in prompts:
             text = engine.tokenizer.decode(ids) if echo else ""
-            for j, seed in enumerate(seeds):
-                choice_params = replace(params, seed=seed)
-                if leader is not None and share:
-
-                    def start(ids: list[int] = ids, cp: SamplingParams = choice_params) -> Any:
-                        return engine.stream(ids, cp, body.priority)
-
-                    choices.append(Choice(p * len(seeds) + j, None, ids, text, start, leader))
-                    continue
-                stream = engine.stream(ids, choice_params, body.priority)
-                choices.append(Choice(p * len(seeds) + j, stream, ids, text))
-                leader = choices[-1]
+            for stream in engine.stream_choices(ids, params, body.n, body.priority):
+                choices.append(Choice(len(choices), stream, ids, text))
     except BaseException:
         cancel_all(choices)
         raise
@@ -287,4 +281,18 @@ def _model_card(engine: Engine, name: str) -> dict[str, Any]:
     card: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "streamgen"}
     if engine.healthy:
         card["max_model_len"] = engine.max_model_len
+    return card
+
+
+def _tokenizer_card(engine: Engine) -> dict[str, Any]:
+    """The tokenizer's special tokens and chat template (vLLM's ``/tokenizer_info``)."""
+    tokenizer = engine.tokenizer
+    card: dict[str, Any] = {
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "model_max_length": engine.max_model_len,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        card[key] = getattr(tokenizer, key, None)
     return card

@@ -1,13 +1,12 @@
 """Running the choices of one HTTP request on the engine: all at once, collected (a JSON
 response) or merged into one event stream (server-sent events).
 
-Each choice is one engine stream. The ``n`` choices of one prompt share its KV blocks
-through the prefix cache: the first (the leader) starts at once, the others when the
-leader's first token shows its prompt is computed and cached, so each of them computes
-only the prompt's last, partial block. Streaming keeps the engine's backpressure: a choice
-reads its next token only when the previous one was handed to the response, which the
-server writes only as fast as the client reads. The response cancelling (the client
-went away) cancels every choice, and the core frees their KV blocks at its next step.
+Each choice is one engine stream; the ``n`` choices of one prompt come from
+``Engine.stream_choices``, so they share the prompt's KV blocks (a fork once all but its
+last token is computed). Streaming keeps the engine's backpressure: a choice reads its
+next token only when the previous one was handed to the response, which the server
+writes only as fast as the client reads. The response cancelling (the client went away)
+cancels every choice, and the core frees their KV blocks at its next step.
 """
 
 from __future__ import annotations
@@ -24,20 +23,13 @@ from streamgen.engine.stream import RequestStream
 
 @dataclass
 class Choice:
-    """One choice: its stream, the prompt it continues, what it produced so far.
-
-    A follower (``start`` and ``leader`` set) has no stream until its leader's first
-    token (or end) sets ``leader.prompt_done``; ``start()`` then submits it."""
+    """One choice: its stream, the prompt it continues, what it produced so far."""
 
     index: int
-    stream: RequestStream | None
+    stream: RequestStream
     prompt_ids: list[int]
     echo: str = ""  # the prompt's text, returned before the completion (``echo``)
-    start: Callable[[], RequestStream] | None = None
-    leader: Choice | None = None
-    prompt_done: anyio.Event = field(default_factory=anyio.Event)
     events: list[TokenEvent] = field(default_factory=list)
-    cancelled: bool = False
 
     @property
     def text(self) -> str:
@@ -45,23 +37,13 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
-        return None if self.stream is None else self.stream.finish_reason
+        return self.stream.finish_reason
 
     async def tokens(self) -> AsyncIterator[TokenEvent]:
-        """The choice's events (starting it first); releases its followers at the first."""
-        try:
-            if self.stream is None:
-                assert self.leader is not None and self.start is not None
-                await self.leader.prompt_done.wait()
-                if self.cancelled:
-                    return
-                self.stream = self.start()
-            async for event in self.stream:
-                self.events.append(event)
-                self.prompt_done.set()
-                yield event
-        finally:
-            self.prompt_done.set()
+        """The choice's events, kept as they pass."""
+        async for event in self.stream:
+            self.events.append(event)
+            yield event
 
 
 @dataclass(frozen=True)
@@ -75,9 +57,7 @@ class ChoiceEvent:
 
 def cancel_all(choices: list[Choice]) -> None:
     for choice in choices:
-        if choice.stream is not None:
-            choice.stream.cancel()
-        choice.cancelled = True  # a follower not started yet never starts
+        choice.stream.cancel()
 
 
 async def collect(choices: list[Choice], on_done: Callable[[Choice], None]) -> None:

@@ -47,6 +47,10 @@ class _EngineCollector(Collector):
             "streamgen_preemptions", "requests preempted (recompute or swap)",
             value=float(stats["preemptions"]),
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "streamgen_forks", "parallel samples started by forking a prompt's KV blocks",
+            value=float(stats["forks"]),
+        )  # fmt: skip
         spec = stats.get("speculation")
         if spec:
             yield CounterMetricFamily(

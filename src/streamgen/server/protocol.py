@@ -78,7 +78,7 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The request's SamplingParams (one choice; see :meth:`choice_seeds`)."""
+        """The request's SamplingParams (``n`` choices of it: ``Engine.stream_choices``)."""
         if not 1 <= self.n <= MAX_CHOICES:
             raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {self.n}", param="n")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -118,13 +118,6 @@ class _Sampling(BaseModel):
                     f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
                 ) from None
         return pairs
-
-    def choice_seeds(self) -> list[int | None]:
-        """One seed per choice: the request's seed for the first, distinct derived seeds
-        for the others (so ``n`` seeded samples differ yet reproduce); None unseeded."""
-        if self.seed is None:
-            return [None] * self.n
-        return [self.seed if i == 0 else hash((self.seed, i)) for i in range(self.n)]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -185,4 +178,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[int]
-
