@@ -22,6 +22,7 @@ from streamgen.errors import (
     EngineNotStartedError,
     InvalidPromptError,
     InvalidSamplingParamsError,
+    InvalidStructuredOutputError,
     MissingTensorError,
     ModelCacheError,
     ModelLoadError,
@@ -36,6 +37,7 @@ from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.sampling_params import SamplingParams
 from streamgen.spec.config import SpeculationConfig
 from streamgen.spec.metrics import SpeculationMetrics
+from streamgen.structured import StructuredOutputs
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "EngineNotStartedError",
     "InvalidPromptError",
     "InvalidSamplingParamsError",
+    "InvalidStructuredOutputError",
     "KVCacheConfig",
     "LoadedModel",
     "MissingTensorError",
@@ -63,6 +66,7 @@ __all__ = [
     "SpeculationConfig",
     "SpeculationMetrics",
     "StreamgenError",
+    "StructuredOutputs",
     "TokenEvent",
     "UnsupportedModelError",
     "WrongEventLoopError",

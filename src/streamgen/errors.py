@@ -31,6 +31,11 @@ class InvalidSamplingParamsError(RequestError):
     """A :class:`~streamgen.SamplingParams` field is out of range."""
 
 
+class InvalidStructuredOutputError(InvalidSamplingParamsError):
+    """A structured-output constraint (JSON schema, regex, grammar, choice) is invalid;
+    the message names the problem (llguidance's own diagnostic for a bad grammar)."""
+
+
 class InvalidPromptError(RequestError):
     """The prompt is empty, too long, or holds token ids outside the vocabulary."""
 

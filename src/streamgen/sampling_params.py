@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from streamgen.errors import InvalidSamplingParamsError
+from streamgen.structured.outputs import StructuredOutputs
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits
 # by a tiny temperature would overflow float32 and is argmax in the limit anyway.
@@ -75,6 +76,15 @@ class SamplingParams:
         seed: Makes the request's samples reproducible whatever else is in
             the batch; ``None`` draws from the engine's generator. Any int (it is
             hashed with the token's position into the generator's seed).
+        structured_outputs: What the output must match (a JSON schema, any JSON object,
+            a regex, a Lark grammar or a choice among strings:
+            :class:`~streamgen.StructuredOutputs`). Each step samples from the model's
+            distribution renormalised over the tokens the constraint allows (masked
+            after penalties and ``logit_bias``, before ``min_tokens``, temperature and
+            the filters; logprobs stay the model's). The output ends when the
+            constraint is complete and nothing can follow, or at EOS where it allows
+            one (also with ``ignore_eos``). A constraint that does not compile is an
+            :class:`~streamgen.errors.InvalidStructuredOutputError` at submission.
         speculation: Speculative decoding for this request: ``None`` follows
             the engine (``EngineConfig.speculation``), ``False`` turns it off,
             ``True`` asks for it (a no-op on an engine without a drafter).
@@ -116,6 +126,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     seed: int | None = None
+    structured_outputs: StructuredOutputs | None = None
     speculation: bool | None = None
 
     def __post_init__(self) -> None:
@@ -162,6 +173,13 @@ class SamplingParams:
                     self.prompt_logprobs,
                 )  # fmt: skip
         seed = None if self.seed is None else _integer("seed", self.seed)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputs
+        ):
+            raise _error(
+                "structured_outputs", "must be None or a StructuredOutputs",
+                type(self.structured_outputs).__name__,
+            )  # fmt: skip
         if self.speculation is not None and not isinstance(self.speculation, bool):
             raise _error("speculation", "must be None or a bool", self.speculation)
 

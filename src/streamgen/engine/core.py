@@ -42,6 +42,7 @@ from streamgen.spec.drafter import Drafter, DraftInput
 from streamgen.spec.metrics import SpeculationMetrics
 from streamgen.spec.policy import SpeculationPolicy
 from streamgen.spec.tree import DraftTree
+from streamgen.structured.state import GrammarState, masks_for
 from streamgen.text import IncrementalDetokenizer, StopStringMatcher
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class EngineCore:
         self.error: BaseException | None = None
         self.num_steps = 0
         self.step_seconds = 0.0  # whole steps: scheduling, kernels, sampling, text, delivery
+        self.mask_seconds = 0.0  # structured outputs: computing the grammars' token masks
 
     # ----- called from the event loop ---------------------------------------------
     def start(self) -> None:
@@ -229,6 +231,7 @@ class EngineCore:
                 output.blocks_to_swap_out, output.blocks_to_swap_in, output.blocks_to_copy
             )
             batch, trees = self._attach_drafts(output)
+            batch = self._constrain(batch)
             started = time.perf_counter()
             result = self.runner.execute(batch)
             seconds = time.perf_counter() - started
@@ -308,6 +311,10 @@ class EngineCore:
             inp.request_id: tree.truncate(inp.max_nodes).limit_depth(inp.max_depth)
             for inp, tree in zip(inputs, proposals, strict=True)
         }
+        for rid, tree in trees.items():  # structured outputs: the branches the grammar allows
+            grammar = self.scheduler.get_request(rid).grammar  # type: ignore[union-attr]
+            if grammar is not None:
+                trees[rid] = grammar.cut_tree(tree)
         trees = {rid: tree for rid, tree in trees.items() if len(tree)}
         seconds = time.perf_counter() - started
         self.speculation.draft_seconds += seconds
@@ -326,6 +333,32 @@ class EngineCore:
             for chunk in output.batch.chunks
         ]
         return ModelBatch(chunks), trees
+
+    def _constrain(self, batch: ModelBatch) -> ModelBatch:
+        """Structured outputs: each constrained sampling row gets its grammar's mask (the
+        decode rows' all at once, in parallel; a tree's nodes each after its path)."""
+        rows: list[tuple[int, GrammarState]] = []
+        for i, chunk in enumerate(batch.chunks):
+            if chunk.sampling is None:
+                continue
+            req = self.scheduler.get_request(chunk.request_id)
+            if req is not None and req.grammar is not None:
+                rows.append((i, req.grammar))
+        if not rows:
+            return batch
+        started = time.perf_counter()
+        masks = masks_for([grammar for _, grammar in rows])  # [rows, words]
+        chunks = list(batch.chunks)
+        for (i, grammar), mask in zip(rows, masks, strict=True):
+            chunk = chunks[i]
+            assert chunk.sampling is not None
+            chunks[i] = replace(
+                chunk,
+                sampling=replace(chunk.sampling, allowed=mask),
+                tree_allowed=tuple(grammar.tree_masks(chunk.tree)) if chunk.tree else (),
+            )
+        self.mask_seconds += time.perf_counter() - started
+        return ModelBatch(chunks)
 
     def _record_speculation(
         self, batch: ModelBatch, trees: dict[str, DraftTree], result: RunnerOutput, seconds: float

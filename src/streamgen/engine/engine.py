@@ -30,6 +30,7 @@ from streamgen.errors import (
     EngineNotStartedError,
     InvalidPromptError,
     InvalidSamplingParamsError,
+    InvalidStructuredOutputError,
     RequestError,
     WrongEventLoopError,
 )
@@ -42,6 +43,7 @@ from streamgen.sampling_params import SamplingParams, choice_seed
 from streamgen.scheduler import Request, Scheduler, SchedulerConfig
 from streamgen.spec.factory import make_drafter
 from streamgen.spec.policy import SpeculationPolicy
+from streamgen.structured.compiler import GrammarCompiler
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 LONG_PROMPT_CHARS = 4096  # longer text prompts are tokenized off the event loop
@@ -86,6 +88,7 @@ class Engine:
         self._ids = itertools.count()
         self._closed = False
         self._loop: object | None = None
+        self._compiler: GrammarCompiler | None = None
 
     # ----- lifecycle -----------------------------------------------------------------
     async def start(self) -> Engine:
@@ -303,25 +306,59 @@ class Engine:
                 members.append((request, stream.metrics))
             core.submit_group(members)
 
-        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
+        constraint = params.structured_outputs
+        compiler = self._grammar_compiler() if constraint is not None else None
+        if compiler is not None:
+            assert constraint is not None
+            compiler.check(constraint)  # a bad schema / regex / grammar raises here
 
-            async def submit_later() -> None:
-                token_ids = await anyio.to_thread.run_sync(self._tokenize, prompt)
-                submit(make_requests(token_ids))
+        def attach_grammars(requests: list[Request]) -> None:  # may compile: off the loop
+            if compiler is not None:
+                assert constraint is not None
+                for request in requests:
+                    request.grammar = compiler.state(constraint)
 
-            once = SubmitOnce(submit_later)  # whichever stream is read first submits all
+        long_text = isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS
+        ready = None if long_text else make_requests(self._tokenize(prompt))
+        if ready is not None and (
+            compiler is None or compiler.is_compiled(constraint)  # type: ignore[arg-type]
+        ):
+            attach_grammars(ready)  # copies of a compiled matcher: microseconds
             streams = [
-                RequestStream(rid, receive, self, once)
+                RequestStream(rid, receive, self)
                 for rid, (_, receive) in zip(ids, channels, strict=True)
             ]
+            submit(ready)
             return streams
-        requests = make_requests(self._tokenize(prompt))
+
+        async def submit_later() -> None:
+            """Tokenize a long text and compile a new constraint in a worker thread: the
+            request is queued when both are ready, and no other request waits."""
+            requests = ready
+            if requests is None:
+                requests = make_requests(await anyio.to_thread.run_sync(self._tokenize, prompt))
+            await anyio.to_thread.run_sync(attach_grammars, requests)
+            submit(requests)
+
+        once = SubmitOnce(submit_later)  # whichever stream is read first submits all
         streams = [
-            RequestStream(rid, receive, self)
+            RequestStream(rid, receive, self, once)
             for rid, (_, receive) in zip(ids, channels, strict=True)
         ]
-        submit(requests)
         return streams
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """The engine's structured-output compiler, made on first use (it needs the
+        model's tokenizer)."""
+        if self._compiler is None:
+            tokenizer = self._loaded.tokenizer if self._loaded is not None else None
+            if tokenizer is None:
+                raise InvalidStructuredOutputError(
+                    "structured outputs need the model's tokenizer (this engine has none)"
+                )
+            assert self._loaded is not None
+            self._compiler = GrammarCompiler(tokenizer, self._loaded.spec.eos_token_ids)
+        return self._compiler
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamgen.sampling_params import SamplingParams
 from streamgen.spec.tree import DraftTree
@@ -29,6 +30,9 @@ class SamplingRequest:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    # Structured outputs: the tokens the constraint allows at this row, an int32 bitmask
+    # (numpy, ``[ceil(vocab / 32)]``: token t is bit t % 32 of word t // 32); None: all.
+    allowed: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,9 @@ class SequenceChunk:
     # prompt[start_pos + i + 1]; the prompt's last row predicts a sampled token, no entry).
     prompt_logprobs: int | None = None
     prompt_targets: Sequence[int] = ()
+    # Structured outputs with a draft tree: each node's allowed-token bitmask (the
+    # root's is ``sampling.allowed``), in node order.
+    tree_allowed: Sequence[Any] = ()
 
     @property
     def num_tokens(self) -> int:

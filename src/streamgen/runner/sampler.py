@@ -4,15 +4,20 @@ Pipeline, all batched over the rows of ``logits`` (one row per request)::
 
     logits --float32--> penalties --+--> log_softmax --> logprobs
                                     |
-                                    +--> min_tokens mask --+--> argmax --> greedy rows
+                                    +--> allowed (structured outputs) --> min_tokens mask
+                                                           +--> argmax --> greedy rows
                                                            |
                                                            +--> / temperature --> top-k
         --> top-p --> min-p --> softmax --> argmax(p / q), q ~ Exp(1) --> random rows
 
 Invariants:
 
-* Logprobs are those of the penalized distribution, before min_tokens masking,
-  temperature and filters (what the model, after penalties, believes).
+* Logprobs are those of the penalized distribution, before the structured-output
+  mask, min_tokens masking, temperature and filters (what the model, after penalties,
+  believes).
+* A row with an ``allowed`` bitmask never yields a token outside it: its other logits
+  are -inf before min_tokens, temperature and every filter, so the draw is the
+  penalized distribution renormalised over the allowed tokens.
 * Greedy rows consume no randomness, so they never shift other rows' draws.
 * A row whose ``params.seed`` is set draws its noise from a generator seeded by
   ``(seed, len(output_token_ids))`` only: its token does not depend on the
@@ -31,12 +36,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from streamgen.runner.batch import SamplingRequest
 from streamgen.sampling_params import SamplingParams
 
-__all__ = ["SampleResult", "Sampler", "SamplingRequest", "apply_penalties"]
+__all__ = ["SampleResult", "Sampler", "SamplingRequest", "apply_allowed", "apply_penalties"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,7 @@ class Sampler:
 
         logits = apply_penalties(logits.to(torch.float32), requests)  # [num_rows, vocab_size]
         logprobs = torch.log_softmax(logits, dim=-1)  # [num_rows, vocab_size]
+        logits = apply_allowed(logits, requests)
         logits = self._mask_min_tokens(logits, requests)
 
         token_ids = logits.argmax(dim=-1)  # [num_rows]
@@ -229,6 +236,34 @@ class Sampler:
             generator.manual_seed(self._seed)
             self._generators[device] = generator
         return generator
+
+
+def apply_allowed(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
+    """Sets to -inf every logit a row's ``allowed`` bitmask leaves out (rows without one,
+    and tokens past the mask's width, untouched and banned respectively).
+
+    Args:
+        logits: ``[num_rows, vocab_size]`` float32. Not modified.
+        requests: One per row.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> only_1_and_2 = np.array([0b110], dtype=np.int32)
+        >>> apply_allowed(torch.zeros(1, 4), [SamplingRequest(SamplingParams(), [0], [], only_1_and_2)])
+        tensor([[-inf, 0., 0., -inf]])
+    """  # noqa: E501
+    rows = [row for row, r in enumerate(requests) if r.allowed is not None]
+    if not rows:
+        return logits
+    num_rows, vocab_size = logits.shape
+    words = np.stack([np.asarray(requests[row].allowed, dtype=np.int32) for row in rows])
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # [rows, 32 * words]
+    allowed = np.zeros((len(rows), vocab_size), dtype=bool)
+    width = min(vocab_size, bits.shape[1])
+    allowed[:, :width] = bits[:, :width]
+    keep = torch.ones(num_rows, vocab_size, dtype=torch.bool)
+    keep[torch.tensor(rows)] = torch.from_numpy(allowed)
+    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:

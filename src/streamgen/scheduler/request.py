@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamgen.errors import CapacityError, InvalidPromptError
 from streamgen.sampling_params import SamplingParams
@@ -72,6 +73,9 @@ class Request:
     # for a request of its own. ``hold_at``: set on the parent until its forks are made.
     fork_parent: str | None = None
     hold_at: int | None = None
+    # Structured outputs: the grammar state (``structured.GrammarState``: advanced with
+    # every emitted token, so it has consumed exactly ``output_token_ids``), or None.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +111,8 @@ class Request:
         """Why the request ends after ``token`` was appended (None: it goes on)."""
         params = self.params
         num_output = len(self.output_token_ids)
+        if self.grammar is not None and self.grammar.is_done:
+            return FinishReason.STOP  # the constraint is complete: nothing may follow
         # min_tokens: EOS and stop ids only count once enough tokens were generated.
         if num_output > params.min_tokens:
             if token in params.stop_token_ids:

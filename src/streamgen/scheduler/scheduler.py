@@ -301,6 +301,8 @@ class Scheduler:
                 req.output_token_ids.append(token)
                 req.credit -= 1
                 emitted.append(token)
+                if req.grammar is not None:
+                    req.grammar.advance(token)
                 reason = req.finish_check(token, self.eos_token_ids, self._context_limit)
                 if reason is not None:
                     break

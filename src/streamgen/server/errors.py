@@ -15,6 +15,7 @@ from streamgen.errors import (
     EngineDeadError,
     EngineNotStartedError,
     InvalidSamplingParamsError,
+    InvalidStructuredOutputError,
     RequestError,
 )
 
@@ -80,6 +81,8 @@ def from_exception(exc: BaseException) -> APIError:
         return BadRequest(message, param=param)
     if isinstance(exc, EngineDeadError | EngineNotStartedError):
         return Unavailable(str(exc) or "the engine is not running")
+    if isinstance(exc, InvalidStructuredOutputError):  # a schema, regex or grammar
+        return BadRequest(str(exc), param="response_format")
     if isinstance(exc, InvalidSamplingParamsError):  # "<field> must be ...": name it
         return BadRequest(str(exc), param=str(exc).split(" ", 1)[0])
     if isinstance(exc, RequestError):

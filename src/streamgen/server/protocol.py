@@ -4,7 +4,10 @@ into :class:`~streamgen.SamplingParams`.
 Field names and defaults follow the OpenAI API (``openai`` package's
 ``CompletionCreateParams`` / ``ChatCompletionCreateParams``); streamgen's own extras
 (``priority``, ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``min_tokens``) sit in the same body, as vLLM accepts them. Unknown fields are ignored
+``min_tokens``, and ``structured_outputs``: vLLM's newer field, ``{"json" | "regex" |
+"choice" | "grammar" | "json_object": ...}``) sit in the same body, as vLLM accepts
+them; ``response_format`` (``json_object``, ``json_schema``) is OpenAI's own. Unknown
+fields are ignored
 (clients send newer fields than any server knows). Range checks are left to
 ``SamplingParams``, so the HTTP API and the SDK refuse the same values with the same
 messages.
@@ -13,12 +16,14 @@ messages.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from streamgen.errors import InvalidStructuredOutputError
 from streamgen.sampling_params import MAX_LOGPROBS, SamplingParams
 from streamgen.server.errors import BadRequest
+from streamgen.structured import StructuredOutputs
 
 MAX_CHOICES = 16
 
@@ -51,6 +56,53 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None:
+            raise BadRequest(
+                "response_format of type json_schema needs a json_schema",
+                param="response_format",
+            )
+        schema = self.json_schema.schema_
+        # OpenAI: a json_schema without a schema is any JSON object
+        return StructuredOutputs(json=schema) if schema is not None else (
+            StructuredOutputs(json_object=True)
+        )
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's ``structured_outputs`` body field: one of its keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def constraint(self) -> StructuredOutputs:
+        return StructuredOutputs(
+            json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar,
+            json_object=bool(self.json_object),
+        )  # fmt: skip
+
+
 class _Sampling(BaseModel):
     """The fields chat and completions share."""
 
@@ -76,6 +128,22 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+
+    def constraint(self) -> StructuredOutputs | None:
+        """What the output must match: ``response_format`` or ``structured_outputs``."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise BadRequest(
+                "give response_format or structured_outputs, not both", param="response_format"
+            )
+        param = "structured_outputs" if self.structured_outputs is not None else "response_format"
+        try:
+            if self.structured_outputs is not None:
+                return self.structured_outputs.constraint()
+            return self.response_format.constraint() if self.response_format else None
+        except InvalidStructuredOutputError as exc:
+            raise BadRequest(str(exc), param=param) from exc
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The request's SamplingParams (``n`` choices of it: ``Engine.stream_choices``)."""
@@ -94,6 +162,7 @@ class _Sampling(BaseModel):
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "logit_bias": self._bias(),
+            "structured_outputs": self.constraint(),
         }
         optional = {
             "temperature": self.temperature,

@@ -139,7 +139,16 @@ class DraftTree:
         """Drop every node deeper than ``max_depth`` (renumbering the rest)."""
         if self.max_depth <= max_depth:
             return self
-        keep = [i for i, d in enumerate(self._depths) if d <= max_depth]
+        return self.subtree([i for i, d in enumerate(self._depths) if d <= max_depth])
+
+    def subtree(self, keep: Sequence[int]) -> DraftTree:
+        """The nodes ``keep`` (ascending, each with its parent kept), renumbered.
+
+        >>> DraftTree.from_paths([[5, 6], [9]]).subtree([0, 2]).tokens
+        (5, 9)
+        """
+        if len(keep) == len(self.tokens):
+            return self
         new_index = {old: new for new, old in enumerate(keep)}
         return DraftTree(
             tuple(self.tokens[i] for i in keep),

@@ -3,7 +3,8 @@
 For each tree chunk the runner computed logits at every row (root + nodes).
 Each row is sampled exactly as the request would be at that point: its
 penalties and min_tokens see the request's output *plus the row's path*,
-and a seeded request's noise is drawn for the row's output position. Then
+a seeded request's noise is drawn for the row's output position, and a constrained
+request's row is masked by its grammar's state after that path. Then
 :func:`streamgen.spec.acceptance.accept_path` walks the tree, and the
 accepted nodes' K/V are moved from their tree slots to their final slots::
 
@@ -40,11 +41,12 @@ def row_requests(chunk: SequenceChunk) -> list[SamplingRequest]:
     base = chunk.sampling
     tree = chunk.tree
     rows = [base]
+    allowed = chunk.tree_allowed or [None] * len(tree)  # structured outputs: node masks
     for node in range(len(tree)):
         path = [tree.tokens[n] for n in tree.path_to(node)]
-        rows.append(
-            SamplingRequest(base.params, base.prompt_token_ids, (*base.output_token_ids, *path))
-        )
+        rows.append(SamplingRequest(
+            base.params, base.prompt_token_ids, (*base.output_token_ids, *path), allowed[node]
+        ))  # fmt: skip
     return rows
 
 
