@@ -119,6 +119,7 @@ STANDALONE_RUNNERS = {
     "cpu_quant": "bench.cpu_quant",
     "serve": "bench.serve",
     "lm_eval": "bench.lm_eval_check",
+    "structured": "bench.structured",
 }
 
 

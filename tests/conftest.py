@@ -45,5 +45,21 @@ def default_model_dir() -> Path:
 
     return default_model_path(progress=True)
 
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir: Path) -> Any:
+    """The real default model's HF tokenizer (llguidance's bridge needs a real vocabulary)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def compiler(tokenizer: Any) -> Any:
+    """A structured-output compiler over that tokenizer."""
+    from streamgen.structured.compiler import GrammarCompiler
+
+    return GrammarCompiler(tokenizer, eos_token_ids=(tokenizer.eos_token_id,))
+
+
 # Shared torch-free fakes (property_tests/fake_runner.py) for the scheduler tests.
 sys.path.insert(0, str(Path(__file__).parents[1] / "property_tests"))

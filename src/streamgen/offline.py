@@ -66,8 +66,8 @@ class OfflineGenerator:
         Raises:
             InvalidPromptError: a prompt is empty or longer than the model's context.
             CapacityError: a prompt needs more KV blocks than the whole pool.
-            ConfigError: the params ask for stop strings (no text here), or their
-                count differs from the prompts'.
+            ConfigError: the params ask for stop strings or structured outputs (no text
+                here), or their count differs from the prompts'.
         """
         requests = self._make_requests(prompts, params)
         outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -93,6 +93,8 @@ class OfflineGenerator:
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
             if p.stop:
                 raise ConfigError("stop strings need streamgen.Engine (text is not decoded here)")
+            if p.structured_outputs is not None:
+                raise ConfigError("structured outputs need streamgen.Engine (no tokenizer here)")
             request = Request(f"req-{i}", list(prompt), p)
             request.check_prompt(self.max_model_len, self.blocks.num_total_blocks,
                                  self.runner.block_size)

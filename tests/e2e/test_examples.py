@@ -78,3 +78,17 @@ def test_openai_client_example(default_model_dir: Path) -> None:
     out = run_example("openai_client.py")
     assert "Paris" in out
     assert "Red" in out or "red" in out
+
+
+def test_structured_extraction_example(default_model_dir: Path) -> None:
+    out = run_example("structured_extraction.py")
+    assert "order_id=4411" in out and "date='2026-11-28'" in out
+    assert "label: order" in out or "label: complaint" in out
+
+
+def test_openai_structured_example(default_model_dir: Path) -> None:
+    pytest.importorskip("openai")
+    out = run_example("openai_structured.py")
+    assert "name='Paris'" in out
+    date = out.split("date:")[1].split()[0]
+    assert len(date) == 10 and date[4] == date[7] == "-"

@@ -81,3 +81,16 @@ def test_one_compile_per_constraint(compiler: Any, tokenizer: Any) -> None:
     assert first.matcher is not second.matcher  # each request its own state
     first.advance(tokenizer.convert_tokens_to_ids("a"))
     assert (first.mask() != second.mask()).any()  # advancing one leaves the other as it was
+
+
+def test_the_offline_generator_refuses_constraints(tmp_path: Any) -> None:
+    """It has no tokenizer to compile against: a typed error, not an unconstrained run."""
+    from helpers import make_hf_checkpoint, tiny_hf_config
+
+    from streamgen import ConfigError, KVCacheConfig, OfflineGenerator, load_model
+
+    make_hf_checkpoint(tmp_path, tiny_hf_config("llama"))
+    generator = OfflineGenerator(load_model(tmp_path, load_tokenizer=False), KVCacheConfig(16))
+    constrained = SamplingParams(structured_outputs=StructuredOutputs(regex="a"))
+    with pytest.raises(ConfigError, match="structured outputs"):
+        generator.generate([[1, 2]], constrained)
