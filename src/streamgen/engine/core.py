@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -74,6 +75,7 @@ class EngineCore:
         drafter: Drafter | None = None,
         policy: SpeculationPolicy | None = None,
         speculate_by_default: bool = True,
+        overlap_masks: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -91,6 +93,8 @@ class EngineCore:
         self._unscheduled: set[str] = set()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._text: dict[str, _TextState] = {}
+        self._masker: ThreadPoolExecutor | None = None  # structured outputs' mask worker
+        self._overlap_masks = overlap_masks
         self._thread = threading.Thread(target=self._run, name="streamgen-core", daemon=True)
         self.error: BaseException | None = None
         self.num_steps = 0
@@ -140,6 +144,9 @@ class EngineCore:
             dead = EngineDeadError(f"the engine core died: {exc!r}")
             self._deliver({rid: [StreamError(dead)] for rid in self._text})
             self._text.clear()
+        finally:
+            if self._masker is not None:
+                self._masker.shutdown(wait=False)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False once Shutdown is seen."""
@@ -231,9 +238,19 @@ class EngineCore:
                 output.blocks_to_swap_out, output.blocks_to_swap_in, output.blocks_to_copy
             )
             batch, trees = self._attach_drafts(output)
-            batch = self._constrain(batch)
+            # Structured outputs: the masks are computed beside the forward (another
+            # thread; llguidance and the kernels both release the GIL) where the forward
+            # leaves CPUs free (a GPU, or fewer kernel threads than CPUs), else before it.
+            constrained = self._constrained_rows(batch)
+            masked = None
+            if constrained and self._overlap_masks:
+                masked = self._mask_worker().submit(self._constrain, batch, constrained).result
+            elif constrained:
+                batch = self._constrain(batch, constrained)
             started = time.perf_counter()
-            result = self.runner.execute(batch)
+            result = self.runner.execute(batch, masked)
+            if masked is not None:
+                masked()  # done before update() advances the grammars (a no-op once taken)
             seconds = time.perf_counter() - started
             self._record_speculation(batch, trees, result, seconds)
             token_events = self.scheduler.update(result)
@@ -334,9 +351,8 @@ class EngineCore:
         ]
         return ModelBatch(chunks), trees
 
-    def _constrain(self, batch: ModelBatch) -> ModelBatch:
-        """Structured outputs: each constrained sampling row gets its grammar's mask (the
-        decode rows' all at once, in parallel; a tree's nodes each after its path)."""
+    def _constrained_rows(self, batch: ModelBatch) -> list[tuple[int, GrammarState]]:
+        """The sampling chunks of constrained requests: (chunk index, grammar state)."""
         rows: list[tuple[int, GrammarState]] = []
         for i, chunk in enumerate(batch.chunks):
             if chunk.sampling is None:
@@ -344,8 +360,18 @@ class EngineCore:
             req = self.scheduler.get_request(chunk.request_id)
             if req is not None and req.grammar is not None:
                 rows.append((i, req.grammar))
-        if not rows:
-            return batch
+        return rows
+
+    def _mask_worker(self) -> ThreadPoolExecutor:
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix="streamgen-masks")
+        return self._masker
+
+    def _constrain(self, batch: ModelBatch, rows: list[tuple[int, GrammarState]]) -> ModelBatch:
+        """Structured outputs: each constrained sampling row gets its grammar's mask (the
+        decode rows' all at once, in parallel; a tree's nodes each after its path). Runs
+        on the mask worker while the core thread runs the forward: nothing else touches
+        these grammar states until the step's sampling waits for the result."""
         started = time.perf_counter()
         masks = masks_for([grammar for _, grammar in rows])  # [rows, words]
         chunks = list(batch.chunks)

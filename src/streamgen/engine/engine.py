@@ -35,6 +35,7 @@ from streamgen.errors import (
     WrongEventLoopError,
 )
 from streamgen.kv import BlockManager
+from streamgen.native.qkernels import default_threads
 from streamgen.runner.cuda_graph import CudaGraphConfig
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
@@ -139,9 +140,13 @@ class Engine:
         if cfg.speculation is not None:
             drafter = make_drafter(cfg.speculation, loaded, runner)
             policy = SpeculationPolicy(cfg.speculation)
+        # Structured-output masks beside the forward only where it leaves CPUs idle: on a
+        # CPU whose every core runs the kernels, the two would only slow each other down.
+        spare_cpus = cfg.threads is not None and cfg.threads < default_threads()
         return EngineCore(
-            scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy
-        )
+            scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy,
+            overlap_masks=loaded.device.type != "cpu" or spare_cpus,
+        )  # fmt: skip
 
     def _check_capacity(self, num_blocks: int) -> None:
         """A configuration that cannot hold one request of max_model_len tokens is an error

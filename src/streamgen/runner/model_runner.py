@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -113,12 +114,18 @@ class ModelRunner:
         hidden = self.forward_hidden(self.prepare(batch))
         return self.loaded.model.compute_logits(hidden)
 
-    def execute(self, batch: ModelBatch) -> RunnerOutput:
+    def execute(
+        self, batch: ModelBatch, masked: Callable[[], ModelBatch] | None = None
+    ) -> RunnerOutput:
         """Run one step: sample the next token of every chunk that asks for it,
-        and verify every draft tree (moving accepted drafts' K/V into place)."""
+        and verify every draft tree (moving accepted drafts' K/V into place).
+
+        ``masked``: the same batch with the structured-output masks filled in, waited for
+        only after the forward (it is computed meanwhile on another thread)."""
         # CUDA graphs: all-decode batches that fit a captured bucket replay it.
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self._sample(self.graphs.run(batch), list(batch.chunks))
+            logits = self.graphs.run(batch)
+            return self._sample(logits, list((masked() if masked else batch).chunks))
         inputs = self.prepare(batch)
         if not batch.chunks:
             return RunnerOutput()
@@ -130,6 +137,8 @@ class ModelRunner:
             return RunnerOutput(prompt_logprobs=prompt_logprobs)
         logits = self.loaded.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         self.kernel_seconds += time.perf_counter() - started
+        if masked is not None:
+            batch = masked()
         chunks = [batch.chunks[i] for i in inputs.sample_chunk_indices]
         if all(c.tree is None for c in chunks):
             output = self._sample(logits, chunks)

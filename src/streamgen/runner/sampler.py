@@ -257,13 +257,16 @@ def apply_allowed(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> 
         return logits
     num_rows, vocab_size = logits.shape
     words = np.stack([np.asarray(requests[row].allowed, dtype=np.int32) for row in rows])
-    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # [rows, 32 * words]
-    allowed = np.zeros((len(rows), vocab_size), dtype=bool)
-    width = min(vocab_size, bits.shape[1])
-    allowed[:, :width] = bits[:, :width]
-    keep = torch.ones(num_rows, vocab_size, dtype=torch.bool)
-    keep[torch.tensor(rows)] = torch.from_numpy(allowed)
-    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
+    width = min(vocab_size, words.shape[1] * 32)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, count=width, bitorder="little")
+    allowed = torch.from_numpy(bits.view(np.bool_)).to(logits.device)  # [rows, width]
+    if width < vocab_size:  # tokens past the tokenizer's vocabulary: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - width))
+    if len(rows) == num_rows:
+        return torch.where(allowed, logits, float("-inf"))
+    index = torch.tensor(rows, device=logits.device)
+    masked = torch.where(allowed, logits.index_select(0, index), float("-inf"))
+    return logits.index_copy(0, index, masked)
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
