@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,26 @@ def write_record(scenario: str, record: dict[str, Any], markdown: str) -> Path:
     print(markdown)
     print(f"record: {path}", file=sys.stderr)
     return path
+
+
+def standalone_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a standalone runner (``python -m bench.<module>``), its
+    module docstring as the help text."""
+    return argparse.ArgumentParser(
+        prog=f"python -m bench.{module}", description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+
+
+def run_and_record(
+    scenario: str,
+    run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+) -> int:
+    """Run a standalone runner's arms and save its record (:func:`write_record`)."""
+    import asyncio
+
+    record = asyncio.run(run(args))
+    write_record(scenario, record, render(record))
+    return 0

@@ -38,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import git_commit, machine, write_record
+from bench.common import git_commit, machine, run_and_record, standalone_parser
 from bench.llama_cpp_tools import ISA_CMAKE_FLAGS, simd_flags, tool
 from streamgen.native.qkernels import ISA_ENV_VAR
 
@@ -260,11 +260,7 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.cpu_quant",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = standalone_parser("cpu_quant", __doc__)
     parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)
@@ -279,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.isa != "native":
         os.environ[ISA_ENV_VAR] = args.isa
-    record = asyncio.run(run(args))
-    write_record("cpu_quant", record, render(record))
-    return 0
+    return run_and_record("cpu_quant", run, render, args)
 
 
 if __name__ == "__main__":

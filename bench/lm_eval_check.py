@@ -21,7 +21,6 @@ every generation agree, and each arm's metrics.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import glob
 import json
@@ -33,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import git_commit, machine, write_record
+from bench.common import git_commit, machine, run_and_record, standalone_parser
 from bench.llama_cpp_tools import simd_flags
 from bench.serve import server_process
 
@@ -157,11 +156,7 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.lm_eval_check",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = standalone_parser("lm_eval_check", __doc__)
     parser.add_argument(
         "--lm-eval-python",
         default=sys.executable,
@@ -169,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    record = asyncio.run(run(args))
-    write_record("lm_eval", record, render(record))
-    return 0
+    return run_and_record("lm_eval", run, render, args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from bench.common import git_commit, machine, write_record
+from bench.common import git_commit, machine, run_and_record, standalone_parser
 from bench.llama_cpp_tools import simd_flags
 
 NEW_TOKENS = 128
@@ -199,19 +199,13 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = standalone_parser("serve", __doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     args = parser.parse_args(argv)
-    record = asyncio.run(run(args))
-    write_record("serve", record, render(record))
-    return 0
+    return run_and_record("serve", run, render, args)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ the first-token delay a new (not yet compiled) schema adds.
 Both arms serve the default model (its GGUF, the quantized path) with the same engine.
 The constrained arm's schema asks for a long output (an array of at least 48 strings), so
 both arms decode exactly ``NEW_TOKENS`` tokens per request (the plain one ignores EOS);
-each arm reports output tokens over wall time. The compile figure: time to first token of a request whose schema is new (its
-property names differ each time) against one whose schema is compiled, alternating,
-median and p99 of each. The record names the CPU flags.
+each arm reports output tokens over wall time. The compile figure: time to first token of
+a request whose schema is new (its property names differ each time) against one whose
+schema is compiled, alternating, median and p99 of each. The record names the CPU flags.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import git_commit, machine, write_record
+from bench.common import git_commit, machine, run_and_record, standalone_parser
 from bench.llama_cpp_tools import simd_flags
 
 NEW_TOKENS = 128
@@ -149,16 +149,13 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = standalone_parser("structured", __doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--compiles", type=int, default=20)
     args = parser.parse_args(argv)
-    record = asyncio.run(run(args))
-    write_record("structured", record, render(record))
-    return 0
+    return run_and_record("structured", run, render, args)
 
 
 if __name__ == "__main__":
