@@ -10,7 +10,7 @@ import torch
 
 def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     """A small random-weight config of the given family (GQA by default)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=211,
@@ -27,7 +27,9 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
         pad_token_id=0,
     )
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[model_type]
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
+               "qwen3": Qwen3Config}  # fmt: skip
+    cls = classes[model_type]
     return cls(**common)
 
 

@@ -36,6 +36,8 @@ CONFIGS = {
     ),
     "llama-tied-mha": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=4)),
     "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True)),
+    # q_size (4 x 24) differs from hidden (64), as in Qwen3-0.6B (16 x 128 vs 1024)
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24, head_dim=16)),
 }
 

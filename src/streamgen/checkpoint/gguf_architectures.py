@@ -25,6 +25,7 @@ class GGUFArchitecture:
     model_type: str  # HF config model_type
     hf_class: str  # HF config architectures[0]
     rotary_rows_permuted: bool  # Q/K rows in llama.cpp's interleaved order
+    qk_norm: bool = False  # blk.N.attn_{q,k}_norm: per-head q / k norms (Qwen3)
 
 
 GGUF_ARCHITECTURES = {

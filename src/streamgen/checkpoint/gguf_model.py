@@ -44,6 +44,14 @@ LAYER_PARTS = {
     "mlp.down_proj": ("ffn_down",),
 }
 LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# Qwen3's per-head q / k norms (ModelSpec.qk_norm): head_dim weights each.
+HEAD_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def layer_norms(qk_norm: bool) -> dict[str, str]:
+    """The norm weights of each layer (``qk_norm``: a model with per-head q / k norms,
+    ``ModelSpec.qk_norm``): streamgen module -> GGUF tensor stem."""
+    return {**LAYER_NORMS, **(HEAD_NORMS if qk_norm else {})}
 
 Weight = tuple[PackedWeight, ...] | torch.Tensor
 
@@ -121,6 +129,9 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
             check_shape(f"blk.{i}.{part}.weight", (out, expected_in.get(part, hidden)))
         for norm in LAYER_NORMS.values():
             check_shape(f"blk.{i}.{norm}.weight", (hidden,))
+        if arch.qk_norm:
+            for norm in HEAD_NORMS.values():
+                check_shape(f"blk.{i}.{norm}.weight", (head_dim,))
     for t in tensors.values():
         kind = t.type_name
         if kind not in BY_GGML_NAME and kind not in DENSE_TYPES:
@@ -183,7 +194,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
                         for b, p in zip(bias_names, parts, strict=True)
                     ]
                 )
-        for module, norm in LAYER_NORMS.items():
+        for module, norm in layer_norms(arch.qk_norm).items():
             weights[f"layers.{i}.{module}"] = _dense(read(f"blk.{i}.{norm}.weight"))
     return GGUFCheckpoint(path, metadata_dir, weights, biases)
 

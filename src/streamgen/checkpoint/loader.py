@@ -288,6 +288,9 @@ def _fused_state_dict(
                 [get(attn + f"{p}_proj.bias") for p in "qkv"]
             )
         state[dst + "self_attn.o_proj.weight"] = get(attn + "o_proj.weight")
+        if spec.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                state[dst + f"self_attn.{norm}.weight"] = get(attn + f"{norm}.weight")
         state[dst + "mlp.gate_up_proj.weight"] = torch.cat(
             [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
         )

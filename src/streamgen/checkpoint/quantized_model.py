@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamgen.checkpoint.gguf_model import LAYER_NORMS, LAYER_PARTS, Weight
+from streamgen.checkpoint.gguf_model import LAYER_PARTS, Weight, layer_norms
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, FORMATS, packed_weight, unpack
 from streamgen.checkpoint.quantization import FALLBACK_TYPE, QUANTIZE_AT_LOAD
 from streamgen.errors import ConfigError
@@ -26,7 +26,6 @@ from streamgen.native.kernels import NativeKernels
 from streamgen.native.qkernels import QuantContext
 
 _LINEARS = tuple(LAYER_PARTS)
-_NORMS = tuple(LAYER_NORMS)
 
 
 def quantize_tensor(values: np.ndarray, ggml_name: str, ctx: QuantContext) -> np.ndarray:
@@ -73,7 +72,7 @@ def quantize_state(
     for i in range(spec.num_layers):
         for name in _LINEARS:
             weights[f"layers.{i}.{name}"] = packed(state[f"layers.{i}.{name}.weight"])
-        for norm in _NORMS:
+        for norm in layer_norms(spec.qk_norm):
             weights[f"layers.{i}.{norm}"] = state[f"layers.{i}.{norm}.weight"].float()
     return weights
 
@@ -115,7 +114,7 @@ def build_quantized_model(
                 kernels,
                 residual_activations=wide,
             )
-        for norm in _NORMS:
+        for norm in layer_norms(spec.qk_norm):
             layer.get_submodule(norm).weight = torch.nn.Parameter(
                 _dense(weights[f"layers.{i}.{norm}"]), requires_grad=False
             )

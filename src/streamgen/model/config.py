@@ -11,8 +11,24 @@ from typing import Any
 
 from streamgen.errors import UnsupportedModelError
 
-# model_type -> whether q/k/v projections carry a bias by default.
-SUPPORTED_MODEL_TYPES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": True}
+
+@dataclass(frozen=True, slots=True)
+class Architecture:
+    """What sets one HF ``model_type`` apart from Llama (the model's named pieces)."""
+
+    qkv_bias: bool = False  # q/k/v projections carry a bias (unless the config says)
+    qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before rope
+    # the config's sliding window applies only with use_sliding_window=True (Qwen)
+    window_needs_flag: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(),
+    "mistral": Architecture(),
+    "qwen2": Architecture(qkv_bias=True, window_needs_flag=True),
+    "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -30,7 +46,7 @@ class RopeSpec:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """Architecture of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2)."""
+    """Architecture of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
     model_type: str
     vocab_size: int
@@ -46,6 +62,7 @@ class ModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool
     sliding_window: int | None = None
+    qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -72,15 +89,16 @@ class ModelSpec:
         feature (rope type, sliding window layout) streamgen does not implement.
         """
         model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in ARCHITECTURES:
             archs = getattr(config, "architectures", None)
             raise UnsupportedModelError(
                 f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
-                f"streamgen supports {sorted(SUPPORTED_MODEL_TYPES)}"
+                f"streamgen supports {list(SUPPORTED_MODEL_TYPES)}"
             )
+        arch = ARCHITECTURES[model_type]
         num_heads = int(config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        qkv_bias = bool(getattr(config, "attention_bias", SUPPORTED_MODEL_TYPES[model_type]))
+        qkv_bias = bool(getattr(config, "attention_bias", arch.qkv_bias))
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError(f"{model_type}: mlp_bias=True is not supported")
         act = getattr(config, "hidden_act", "silu")
@@ -100,7 +118,8 @@ class ModelSpec:
             rope=_rope_spec(config),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            sliding_window=_sliding_window(config, model_type),
+            sliding_window=_sliding_window(config, model_type, arch),
+            qk_norm=arch.qk_norm,
             bos_token_id=getattr(config, "bos_token_id", None),
             eos_token_ids=_as_id_tuple(getattr(config, "eos_token_id", None)),
         )
@@ -138,10 +157,12 @@ def _rope_spec(config: Any) -> RopeSpec:
     )
 
 
-def _sliding_window(config: Any, model_type: str) -> int | None:
-    if model_type == "qwen2":
+def _sliding_window(config: Any, model_type: str, arch: Architecture) -> int | None:
+    if arch.window_needs_flag:
         if getattr(config, "use_sliding_window", False):
-            raise UnsupportedModelError("qwen2 with use_sliding_window=True is not supported")
+            raise UnsupportedModelError(
+                f"{model_type} with use_sliding_window=True is not supported"
+            )
         return None
     window = getattr(config, "sliding_window", None)
     return int(window) if window else None

@@ -8,6 +8,7 @@ and cache blocks through :class:`~streamgen.attention.AttentionMetadata`.
 Layer (pre-norm)::
 
     h = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(rms(x)))
+                                                   (Qwen3: q, k = rms per head first)
     y = h + down_proj(silu(gate) * up)              gate, up = split(gate_up_proj(rms(h)))
 
 Submodules are called through ``.forward`` in the step's hot path: no hooks
@@ -39,6 +40,15 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def head_norms(
+    qk: torch.Tensor, num_heads: int, q_norm: RMSNorm, k_norm: RMSNorm
+) -> torch.Tensor:  # qk [num_tokens, num_heads + num_kv_heads, head_dim] -> same
+    """Each q head through ``q_norm`` and each k head through ``k_norm`` (Qwen3)."""
+    return torch.cat(
+        (q_norm.forward(qk[:, :num_heads]), k_norm.forward(qk[:, num_heads:])), dim=1
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -46,6 +56,9 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
         self.o_proj = Linear(spec.q_size, spec.hidden_size)
         self.scale = spec.head_dim**-0.5
+        # Qwen3: RMSNorm over each q and k head before rope (ModelSpec.qk_norm).
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
     def forward(
         self,
@@ -61,7 +74,10 @@ class Attention(nn.Module):
         qkv = self.qkv_proj.forward(x)  # [num_tokens, q_size + 2 * kv_size]
         # Rotate q and k in one go: [num_tokens, num_heads + num_kv_heads, head_dim].
         qk_size = spec.q_size + spec.kv_size
-        qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, spec.head_dim), cos, sin)
+        qk = qkv[:, :qk_size].view(num_tokens, -1, spec.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = head_norms(qk, spec.num_heads, self.q_norm, self.k_norm)
+        qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
         v = qkv[:, qk_size:].view(num_tokens, spec.num_kv_heads, spec.head_dim)
         k_cache, v_cache = kv_cache

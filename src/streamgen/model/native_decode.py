@@ -147,6 +147,8 @@ class NativeDecoder:
                 _linear(mlp.gate_up_proj), _linear(mlp.down_proj),
                 ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
                 ptr(k_cache), ptr(v_cache),
+                None if attn.q_norm is None else ptr(attn.q_norm.weight),
+                None if attn.k_norm is None else ptr(attn.k_norm.weight),
             )
         self._layer_key, self._layer_array = key, array
         return array

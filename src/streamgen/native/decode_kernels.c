@@ -214,8 +214,9 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
 
 /* ----- attention (the rest is in attention.c) ------------------------------------- */
 
-/* Rotate q and k, write k and v into the cache slots, attend. qkv [m, q_size + 2 kv_size]
- * is rotated in place; out [m, q_size]. */
+/* Normalize q and k per head (where the layer has q/k norms), rotate them, write k and v
+ * into the cache slots, attend. qkv [m, q_size + 2 kv_size] is changed in place; out
+ * [m, q_size]. */
 static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
                      int64_t m, float *out) {
     const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
@@ -223,6 +224,8 @@ static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, 
     for (int64_t r = 0; r < m; r++) {
         float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;
         const float *cb = st->cos_t + r * half, *sb = st->sin_t + r * half;
+        if (ly->q_norm) rms_norm(q, ly->q_norm, md->dtype, q, H, D, md->eps); /* in place */
+        if (ly->k_norm) rms_norm(k, ly->k_norm, md->dtype, k, KVH, D, md->eps);
         for (int64_t h = 0; h < H; h++) rope_head(q + h * D, cb, sb, half);
         for (int64_t h = 0; h < KVH; h++) rope_head(k + h * D, cb, sb, half);
         const int64_t base = st->slots[r] * KVH * D;

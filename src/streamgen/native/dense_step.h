@@ -33,6 +33,8 @@ typedef struct {
     const void *post_norm;
     void *k_cache;
     void *v_cache;
+    const void *q_norm; /* NULL: none; Qwen3: RMSNorm of each q head before rope */
+    const void *k_norm; /* NULL: none; each k head likewise */
 } sg_layer;
 
 typedef struct {

@@ -45,6 +45,8 @@ class NativeLayer(ctypes.Structure):
         ("post_norm", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),  # None: no per-head q norm (Qwen3 has one)
+        ("k_norm", ctypes.c_void_p),
     ]
 
 
