@@ -37,6 +37,8 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -104,7 +106,8 @@ def write_gguf_from_hf(
     weight_type: str = "F32",
     quantize_q4_k: Any = None,
 ) -> Path:
-    """``model`` (a tiny HF Llama / Qwen2) and ``tokenizer`` as a GGUF file of ``arch``.
+    """``model`` (a tiny HF Llama / Qwen2 / Qwen3) and ``tokenizer`` as a GGUF file of
+    ``arch``.
 
     Linear weights and embeddings take ``weight_type`` (``F32``, ``Q8_0``, or ``Q4_K``,
     quantized by ``quantize_q4_k`` with Q8_0 for rows 256 does not divide); norms and
@@ -117,6 +120,10 @@ def write_gguf_from_hf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "qwen3":  # llama.cpp's converter writes the head size for Qwen3
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -126,7 +133,7 @@ def write_gguf_from_hf(
     raw_merges = json.loads(tokenizer.to_str())["model"]["merges"]
     merges = [" ".join(m) if isinstance(m, list) else m for m in raw_merges]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "gpt2")
+    writer.add_tokenizer_pre("qwen2" if arch in ("qwen2", "qwen3") else "gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types(
         [TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL for t in tokens]

@@ -37,13 +37,15 @@ def bpe() -> Any:
 
 
 def tiny_config(arch: str, vocab_size: int) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    # Qwen3: a head size of its own (4 x 48 != 256), read from key_length
+    extra = {"head_dim": 48} if arch == "qwen3" else {}
     return cls(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-6, tie_word_embeddings=arch == "qwen2", rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=arch != "llama", rope_theta=1e6, **extra,
     )  # fmt: skip
 
 
@@ -83,6 +85,8 @@ def test_dense_logits_equal_hf_on_the_original_weights(hf_and_files: Any) -> Non
     loaded = load_model(files["F32"], quantization=None)
     assert loaded.spec.model_type == arch
     assert loaded.spec.qkv_bias == (arch == "qwen2")
+    assert loaded.spec.qk_norm == (arch == "qwen3")
+    assert loaded.spec.head_dim == (48 if arch == "qwen3" else 64)
     ids = loaded.tokenizer.encode(PROMPT)
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
@@ -108,7 +112,7 @@ def test_tokenizer_pre_tokenizes_as_llama_cpp(hf_and_files: Any, bpe: Any) -> No
     arch, _, files = hf_and_files
     tokenizer = load_model(files["F32"], quantization=None).tokenizer
     text = "I'M sure they'll pay 1234 or 56.78\n\n  ok?  \tdone"
-    if arch == "qwen2":  # each piece of llama.cpp's split encoded alone, then joined
+    if arch in ("qwen2", "qwen3"):  # each piece of llama.cpp's split encoded alone, joined
         expected = [i for piece in QWEN2_SPLIT.findall(text) for i in bpe.encode(piece).ids]
     else:  # gpt2 pre-type: the BPE's own byte-level split
         expected = bpe.encode(text).ids
@@ -133,5 +137,5 @@ def test_other_architectures_name_the_supported_ones(tmp_path: Path) -> None:
     path = write_tiny_llama(
         tmp_path / "phi.gguf", tiny_llama_tensors(np.random.default_rng(0)), arch="phi3"
     )
-    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*\['llama', 'qwen2'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*\['llama', 'qwen2', 'qwen3'\]"):
         load_model(path)

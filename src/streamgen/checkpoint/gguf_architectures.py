@@ -8,7 +8,10 @@ llama.cpp's converter did to the HF checkpoint:
   as ``llama``): Q and K rows permuted for llama.cpp's interleaved rotary layout
   (undone at load);
 * ``qwen2``: rotary halves left as HF has them (llama.cpp's NEOX rope), Q/K/V biases
-  stored as ``blk.N.attn_{q,k,v}.bias``.
+  stored as ``blk.N.attn_{q,k,v}.bias``;
+* ``qwen3``: as qwen2 without biases, plus per-head q / k norms
+  (``blk.N.attn_{q,k}_norm``) and a head size of its own (``qwen3.attention.key_length``:
+  Qwen3-0.6B has 16 heads of 128 over a hidden size of 1024).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class GGUFArchitecture:
 GGUF_ARCHITECTURES = {
     "llama": GGUFArchitecture("llama", "LlamaForCausalLM", rotary_rows_permuted=True),
     "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", rotary_rows_permuted=False),
+    "qwen3": GGUFArchitecture(
+        "qwen3", "Qwen3ForCausalLM", rotary_rows_permuted=False, qk_norm=True
+    ),
 }
 
 

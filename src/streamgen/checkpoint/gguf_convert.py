@@ -1,4 +1,5 @@
-"""Convert a GGUF file (``llama`` or ``qwen2``) into a Hugging Face checkpoint directory.
+"""Convert a GGUF file (``llama``, ``qwen2`` or ``qwen3``) into a Hugging Face checkpoint
+directory.
 
 The output directory holds ``config.json``, ``generation_config.json``, the
 tokenizer files and a float32 ``model.safetensors``, laid out as
@@ -62,6 +63,8 @@ _LAYER_TENSOR_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head norms
+    "attn_k_norm": "self_attn.k_norm",
 }
 # Derived from the config's rope scaling by transformers; nothing to store.
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
@@ -133,6 +136,7 @@ def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Pat
     tensor_names = {tensor.name for tensor in reader.tensors}
     _write_config(
         gguf_path,
+        reader,
         out_dir,
         gguf_architecture(architecture, gguf_path.name),
         tie_word_embeddings="output.weight" not in tensor_names,
@@ -289,17 +293,27 @@ def _alone(gguf_path: Path) -> Iterator[tuple[str, str]]:
 
 
 def _write_config(
-    gguf_path: Path, out_dir: Path, arch: GGUFArchitecture, *, tie_word_embeddings: bool
+    gguf_path: Path,
+    reader: GGUFReader,
+    out_dir: Path,
+    arch: GGUFArchitecture,
+    *,
+    tie_word_embeddings: bool,
 ) -> None:
     """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata."""
+    arch_name = _metadata_value(reader, "general.architecture")
     from transformers import AutoConfig, GenerationConfig
 
     with _alone(gguf_path) as (directory, name):
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
     if config.model_type != arch.model_type:
         raise UnsupportedModelError(f"GGUF config has model_type {config.model_type!r}")
-    # The file, not transformers' guess, decides: no output.weight means tied.
+    # The file, not transformers' guess, decides: no output.weight means tied; a head size
+    # of its own (key_length: Qwen3), which transformers' GGUF import does not read.
     config.tie_word_embeddings = tie_word_embeddings
+    key_length = _metadata_value(reader, f"{arch_name}.attention.key_length")
+    if key_length is not None:
+        config.head_dim = int(key_length)
     config.architectures = [arch.hf_class]
     config.save_pretrained(out_dir)
     generation = GenerationConfig(

@@ -91,11 +91,15 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     layers = meta_int("block_count")
     hidden, inter = meta_int("embedding_length"), meta_int("feed_forward_length")
     tensors = header.tensors
-    if num_heads <= 0 or hidden % num_heads or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    key_length = header.metadata.get(f"{architecture}.attention.key_length")
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads or (
+        key_length is None and hidden % num_heads
+    ):
         raise ModelLoadError(
             f"{path.name}: {num_heads} heads / {num_kv_heads} KV heads for hidden {hidden}"
         )
-    head_dim = hidden // num_heads
+    # A head size of its own where the file gives one (Qwen3), else hidden / heads.
+    head_dim = meta_int("attention.key_length") if key_length is not None else hidden // num_heads
     expected_out = {
         "attn_q": num_heads * head_dim,
         "attn_k": num_kv_heads * head_dim,
