@@ -57,11 +57,11 @@ async def test_a_failing_step_fails_its_requests_only(loaded) -> None:
         real_execute = core.runner.execute
         calls = {"n": 0}
 
-        def flaky_execute(batch):
+        def flaky_execute(batch, masked=None):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("transient kernel failure")
-            return real_execute(batch)
+            return real_execute(batch, masked)
 
         core.runner.execute = flaky_execute  # type: ignore[method-assign]
         victim = engine.stream([3, 4, 5], params)
