@@ -18,6 +18,8 @@ FAMILIES = {
     "mistral": dict(sliding_window=24, head_dim=16),
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=24, tie_word_embeddings=True),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
+                    logits_scaling=2.5),
 }
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 

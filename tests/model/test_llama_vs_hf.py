@@ -21,6 +21,9 @@ from streamgen.runner.model_runner import ModelRunner
 TOLERANCE = 1e-4
 BLOCK_SIZE = 16
 
+# Granite's four scales, away from 1 (Granite-3 uses 12 / 0.22 / 0.0078 / 8)
+GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
+               logits_scaling=2.5)  # fmt: skip
 CONFIGS = {
     "llama-gqa-llama3-rope": (
         "llama",
@@ -38,6 +41,7 @@ CONFIGS = {
     "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True)),
     # q_size (4 x 24) differs from hidden (64), as in Qwen3-0.6B (16 x 128 vs 1024)
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
+    "granite-multipliers": ("granite", GRANITE),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24, head_dim=16)),
 }
 

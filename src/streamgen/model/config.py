@@ -20,6 +20,10 @@ class Architecture:
     qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before rope
     # the config's sliding window applies only with use_sliding_window=True (Qwen)
     window_needs_flag: bool = False
+    # Granite: embedding / residual / attention multipliers and a logits divisor, read
+    # from the config (embedding_multiplier, residual_multiplier, attention_multiplier,
+    # logits_scaling)
+    scales_from_config: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -27,6 +31,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture(),
     "qwen2": Architecture(qkv_bias=True, window_needs_flag=True),
     "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
+    "granite": Architecture(scales_from_config=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -63,6 +68,12 @@ class ModelSpec:
     qkv_bias: bool
     sliding_window: int | None = None
     qk_norm: bool = False
+    # x = embed * embedding_scale; h = x + residual_scale * attn(...), and likewise the MLP;
+    # scores = q.k * attention_scale (None: head_dim ** -0.5); logits = head(h) / logits_divisor
+    embedding_scale: float = 1.0
+    residual_scale: float = 1.0
+    attention_scale: float | None = None
+    logits_divisor: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -72,6 +83,11 @@ class ModelSpec:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+
+    @property
+    def softmax_scale(self) -> float:
+        """What q.k is multiplied by before the softmax."""
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
 
     @property
     def q_size(self) -> int:
@@ -120,9 +136,20 @@ class ModelSpec:
             qkv_bias=qkv_bias,
             sliding_window=_sliding_window(config, model_type, arch),
             qk_norm=arch.qk_norm,
+            **(_config_scales(config) if arch.scales_from_config else {}),
             bos_token_id=getattr(config, "bos_token_id", None),
             eos_token_ids=_as_id_tuple(getattr(config, "eos_token_id", None)),
         )
+
+
+def _config_scales(config: Any) -> dict[str, float]:
+    """Granite's multipliers, under ModelSpec's names."""
+    return {
+        "embedding_scale": float(config.embedding_multiplier),
+        "residual_scale": float(config.residual_multiplier),
+        "attention_scale": float(config.attention_multiplier),
+        "logits_divisor": float(config.logits_scaling),
+    }
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:

@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.spec = spec
         self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
         self.o_proj = Linear(spec.q_size, spec.hidden_size)
-        self.scale = spec.head_dim**-0.5
+        self.scale = spec.softmax_scale
         # Qwen3: RMSNorm over each q and k head before rope (ModelSpec.qk_norm).
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
@@ -105,6 +105,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
+        self.residual_scale = spec.residual_scale
 
     def forward(
         self,
@@ -116,8 +117,11 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         normed = self.input_layernorm.forward(x)
-        h = x + self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
-        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        attn = self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
+        scale = self.residual_scale  # Granite's residual_multiplier (1.0 elsewhere)
+        h = x + attn if scale == 1.0 else x + scale * attn
+        mlp = self.mlp.forward(self.post_attention_layernorm.forward(h))
+        return h + mlp if scale == 1.0 else h + scale * mlp
 
 
 class LlamaModel(nn.Module):
@@ -157,11 +161,16 @@ class LlamaModel(nn.Module):
             return native.forward(input_ids, positions, kv_caches, metadata, count)
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
-        x = self.embed_tokens(input_ids).to(self.dtype)
+        x = self.embed(input_ids).to(self.dtype)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
             x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
         return self.norm.forward(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        """The token embeddings, times the spec's ``embedding_scale`` (Granite)."""
+        x = self.embed_tokens(input_ids)
+        return x if self.spec.embedding_scale == 1.0 else x * self.spec.embedding_scale
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,8 +179,11 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [num_rows, hidden]`` -> logits ``[num_rows, vocab]`` float32."""
-        return self.lm_head.forward(hidden).float()
+        """``hidden [num_rows, hidden]`` -> logits ``[num_rows, vocab]`` float32 (divided by
+        the spec's ``logits_divisor``: Granite)."""
+        logits = self.lm_head.forward(hidden).float()
+        divisor = self.spec.logits_divisor
+        return logits if divisor == 1.0 else logits / divisor
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, head_dim], computed in float32 like the reference models.

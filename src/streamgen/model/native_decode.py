@@ -56,7 +56,8 @@ class NativeDecoder:
         self.struct = NativeModel(
             spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size,
             spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
-            spec.sliding_window or 0, spec.rms_norm_eps, spec.head_dim**-0.5, code, 0,
+            spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
+            spec.residual_scale,
             _quant_context(model),
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
@@ -105,7 +106,7 @@ class NativeDecoder:
         num_layers: int,
     ) -> torch.Tensor:  # [m, hidden] in the model's dtype, after the final norm
         model = self.model
-        x = model.embed_tokens(input_ids).float()  # [m, hidden]
+        x = model.embed(input_ids).float()  # [m, hidden]
         inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [m, head_dim / 2]
         cos, sin = angles.cos(), angles.sin()

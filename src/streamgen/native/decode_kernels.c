@@ -296,12 +296,12 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
         lrc |= linear_forward(&ly->qkv, normed, qkv, m);
         lrc |= attention(md, ly, &st, qkv, m, attn);
         lrc |= linear_forward(&ly->o, attn, proj, m);
-        for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
+        for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
         lrc |= linear_forward(&ly->gate_up, normed, gu, m);
         for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
         lrc |= linear_forward(&ly->down, act, proj, m);
-        for (int64_t i = 0; i < m * Hd; i++) x[i] += proj[i];
+        for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         if (lrc != SG_OK) {
             free(arena);
             return SG_EINVAL;

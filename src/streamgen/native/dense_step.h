@@ -43,7 +43,7 @@ typedef struct {
     int64_t window; /* 0: none */
     float eps, scale;
     int32_t dtype; /* norm weights and KV cache */
-    int32_t _pad;
+    float residual_scale; /* x += residual_scale * branch (Granite; 1 elsewhere) */
     const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
 } sg_model;
 

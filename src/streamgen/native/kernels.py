@@ -64,7 +64,7 @@ class NativeModel(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("dtype", ctypes.c_int32),
-        ("_pad", ctypes.c_int32),
+        ("residual_scale", ctypes.c_float),
         ("qctx", ctypes.c_void_p),  # a quantized model's sg_qctx (its worker pool), or None
     ]
 
