@@ -10,7 +10,14 @@ import torch
 
 def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     """A small random-weight config of the given family (GQA by default)."""
-    from transformers import GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common: dict[str, Any] = dict(
         vocab_size=211,
@@ -28,7 +35,7 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     )
     common.update(overrides)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
-               "qwen3": Qwen3Config, "granite": GraniteConfig}  # fmt: skip
+               "qwen3": Qwen3Config, "granite": GraniteConfig, "olmo2": Olmo2Config}  # fmt: skip
     cls = classes[model_type]
     return cls(**common)
 

@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen3": dict(head_dim=24, tie_word_embeddings=True),
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
                     logits_scaling=2.5),
+    "olmo2": dict(),
 }
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 

@@ -42,6 +42,7 @@ CONFIGS = {
     # q_size (4 x 24) differs from hidden (64), as in Qwen3-0.6B (16 x 128 vs 1024)
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
     "granite-multipliers": ("granite", GRANITE),
+    "olmo2-post-norms": ("olmo2", dict()),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24, head_dim=16)),
 }
 

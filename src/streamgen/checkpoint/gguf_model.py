@@ -48,10 +48,18 @@ LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
 HEAD_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def layer_norms(qk_norm: bool) -> dict[str, str]:
-    """The norm weights of each layer (``qk_norm``: a model with per-head q / k norms,
-    ``ModelSpec.qk_norm``): streamgen module -> GGUF tensor stem."""
-    return {**LAYER_NORMS, **(HEAD_NORMS if qk_norm else {})}
+# OLMo 2's norms on the branches' outputs (ModelSpec.post_norms).
+POST_NORMS = {
+    "post_attention_layernorm": "post_attention_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def layer_norms(qk_norm: bool, post_norms: bool = False) -> dict[str, str]:
+    """The norm weights of each layer (``qk_norm``: q / k norms, ``post_norms``: norms on
+    the branches' outputs, as ``ModelSpec`` has them): streamgen module -> GGUF tensor
+    stem."""
+    return {**(POST_NORMS if post_norms else LAYER_NORMS), **(HEAD_NORMS if qk_norm else {})}
 
 Weight = tuple[PackedWeight, ...] | torch.Tensor
 

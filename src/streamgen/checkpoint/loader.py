@@ -295,8 +295,6 @@ def _fused_state_dict(
             [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
         )
         state[dst + "mlp.down_proj.weight"] = get(src + "mlp.down_proj.weight")
-        state[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
-        state[dst + "post_attention_layernorm.weight"] = get(
-            src + "post_attention_layernorm.weight"
-        )
+        for norm in spec.layer_norm_names:
+            state[dst + f"{norm}.weight"] = get(src + f"{norm}.weight")
     return state

@@ -18,6 +18,8 @@ class Architecture:
 
     qkv_bias: bool = False  # q/k/v projections carry a bias (unless the config says)
     qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before rope
+    qk_norm_whole: bool = False  # OLMo 2: over the whole q / k projection instead
+    post_norms: bool = False  # OLMo 2: norms on each branch's output, none on its input
     # the config's sliding window applies only with use_sliding_window=True (Qwen)
     window_needs_flag: bool = False
     # Granite: embedding / residual / attention multipliers and a logits divisor, read
@@ -32,6 +34,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(qkv_bias=True, window_needs_flag=True),
     "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
     "granite": Architecture(scales_from_config=True),
+    "olmo2": Architecture(qk_norm=True, qk_norm_whole=True, post_norms=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -68,6 +71,8 @@ class ModelSpec:
     qkv_bias: bool
     sliding_window: int | None = None
     qk_norm: bool = False
+    qk_norm_whole: bool = False  # the q / k norms span the whole projection (OLMo 2)
+    post_norms: bool = False  # h = x + norm(attn(x)); y = h + norm(mlp(h)) (OLMo 2)
     # x = embed * embedding_scale; h = x + residual_scale * attn(...), and likewise the MLP;
     # scores = q.k * attention_scale (None: head_dim ** -0.5); logits = head(h) / logits_divisor
     embedding_scale: float = 1.0
@@ -83,6 +88,14 @@ class ModelSpec:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+
+    @property
+    def layer_norm_names(self) -> tuple[str, str]:
+        """The two norms of a layer, attention side then MLP side, by their HF names:
+        on the branches' inputs (Llama) or on their outputs (``post_norms``: OLMo 2)."""
+        if self.post_norms:
+            return ("post_attention_layernorm", "post_feedforward_layernorm")
+        return ("input_layernorm", "post_attention_layernorm")
 
     @property
     def softmax_scale(self) -> float:
@@ -136,6 +149,8 @@ class ModelSpec:
             qkv_bias=qkv_bias,
             sliding_window=_sliding_window(config, model_type, arch),
             qk_norm=arch.qk_norm,
+            qk_norm_whole=arch.qk_norm_whole,
+            post_norms=arch.post_norms,
             **(_config_scales(config) if arch.scales_from_config else {}),
             bos_token_id=getattr(config, "bos_token_id", None),
             eos_token_ids=_as_id_tuple(getattr(config, "eos_token_id", None)),

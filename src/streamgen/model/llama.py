@@ -49,6 +49,13 @@ def head_norms(
     )
 
 
+def projection_norms(
+    qk: torch.Tensor, q_size: int, q_norm: RMSNorm, k_norm: RMSNorm
+) -> torch.Tensor:  # qk [num_tokens, q_size + kv_size] -> same
+    """The whole q projection through ``q_norm``, the whole k through ``k_norm`` (OLMo 2)."""
+    return torch.cat((q_norm.forward(qk[:, :q_size]), k_norm.forward(qk[:, q_size:])), dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -56,9 +63,13 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
         self.o_proj = Linear(spec.q_size, spec.hidden_size)
         self.scale = spec.softmax_scale
-        # Qwen3: RMSNorm over each q and k head before rope (ModelSpec.qk_norm).
-        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        # RMSNorm of q and k before rope (ModelSpec.qk_norm): over each head (Qwen3) or
+        # over the whole projection (OLMo 2: qk_norm_whole).
+        q_width, k_width = (
+            (spec.q_size, spec.kv_size) if spec.qk_norm_whole else (spec.head_dim, spec.head_dim)
+        )
+        self.q_norm = RMSNorm(q_width, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(k_width, spec.rms_norm_eps) if spec.qk_norm else None
 
     def forward(
         self,
@@ -74,8 +85,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj.forward(x)  # [num_tokens, q_size + 2 * kv_size]
         # Rotate q and k in one go: [num_tokens, num_heads + num_kv_heads, head_dim].
         qk_size = spec.q_size + spec.kv_size
-        qk = qkv[:, :qk_size].view(num_tokens, -1, spec.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        qk = qkv[:, :qk_size]
+        if self.q_norm is not None and self.k_norm is not None and spec.qk_norm_whole:
+            qk = projection_norms(qk, spec.q_size, self.q_norm, self.k_norm)
+        qk = qk.reshape(num_tokens, -1, spec.head_dim)
+        if self.q_norm is not None and self.k_norm is not None and not spec.qk_norm_whole:
             qk = head_norms(qk, spec.num_heads, self.q_norm, self.k_norm)
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
@@ -101,11 +115,20 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
         self.residual_scale = spec.residual_scale
+        # The attention-side and MLP-side norms, under their HF names: on the branches'
+        # inputs, or on their outputs (ModelSpec.post_norms: OLMo 2).
+        self.post_norms = spec.post_norms
+        self.norm_names = spec.layer_norm_names
+        for name in self.norm_names:
+            self.add_module(name, RMSNorm(spec.hidden_size, spec.rms_norm_eps))
+
+    def norms(self) -> tuple[RMSNorm, RMSNorm]:
+        """(attention side, MLP side)."""
+        attn_norm, mlp_norm = (getattr(self, name) for name in self.norm_names)
+        return attn_norm, mlp_norm
 
     def forward(
         self,
@@ -116,11 +139,17 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        normed = self.input_layernorm.forward(x)
-        attn = self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
+        attn_norm, mlp_norm = self.norms()
         scale = self.residual_scale  # Granite's residual_multiplier (1.0 elsewhere)
+        if self.post_norms:  # OLMo 2
+            attn = attn_norm.forward(self.self_attn.forward(x, cos, sin, kv_cache, metadata,
+                                                            backend))  # fmt: skip
+            h = x + attn if scale == 1.0 else x + scale * attn
+            mlp = mlp_norm.forward(self.mlp.forward(h))
+            return h + mlp if scale == 1.0 else h + scale * mlp
+        attn = self.self_attn.forward(attn_norm.forward(x), cos, sin, kv_cache, metadata, backend)
         h = x + attn if scale == 1.0 else x + scale * attn
-        mlp = self.mlp.forward(self.post_attention_layernorm.forward(h))
+        mlp = self.mlp.forward(mlp_norm.forward(h))
         return h + mlp if scale == 1.0 else h + scale * mlp
 
 

@@ -58,7 +58,7 @@ class NativeDecoder:
             spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
-            _quant_context(model),
+            _quant_context(model), int(spec.post_norms), int(spec.qk_norm_whole),
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
@@ -143,10 +143,11 @@ class NativeDecoder:
         ):
             layer = cast("DecoderLayer", layer)
             attn, mlp = layer.self_attn, layer.mlp
+            attn_norm, mlp_norm = layer.norms()
             array[i] = NativeLayer(
                 _linear(attn.qkv_proj), _linear(attn.o_proj),
                 _linear(mlp.gate_up_proj), _linear(mlp.down_proj),
-                ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
+                ptr(attn_norm.weight), ptr(mlp_norm.weight),
                 ptr(k_cache), ptr(v_cache),
                 None if attn.q_norm is None else ptr(attn.q_norm.weight),
                 None if attn.k_norm is None else ptr(attn.k_norm.weight),

@@ -224,8 +224,10 @@ static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, 
     for (int64_t r = 0; r < m; r++) {
         float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;
         const float *cb = st->cos_t + r * half, *sb = st->sin_t + r * half;
-        if (ly->q_norm) rms_norm(q, ly->q_norm, md->dtype, q, H, D, md->eps); /* in place */
-        if (ly->k_norm) rms_norm(k, ly->k_norm, md->dtype, k, KVH, D, md->eps);
+        /* in place: per head (Qwen3) or over the whole projection (OLMo 2) */
+        const int64_t qn = md->qk_norm_whole ? 1 : H, kn = md->qk_norm_whole ? 1 : KVH;
+        if (ly->q_norm) rms_norm(q, ly->q_norm, md->dtype, q, qn, H * D / qn, md->eps);
+        if (ly->k_norm) rms_norm(k, ly->k_norm, md->dtype, k, kn, KVH * D / kn, md->eps);
         for (int64_t h = 0; h < H; h++) rope_head(q + h * D, cb, sb, half);
         for (int64_t h = 0; h < KVH; h++) rope_head(k + h * D, cb, sb, half);
         const int64_t base = st->slots[r] * KVH * D;
@@ -292,15 +294,24 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         int lrc = SG_OK;
-        rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
-        lrc |= linear_forward(&ly->qkv, normed, qkv, m);
+        const float *attn_in = x, *mlp_in = x; /* post norms: the branches take x as is */
+        if (!md->post_norms) {
+            rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
+            attn_in = normed;
+        }
+        lrc |= linear_forward(&ly->qkv, attn_in, qkv, m);
         lrc |= attention(md, ly, &st, qkv, m, attn);
         lrc |= linear_forward(&ly->o, attn, proj, m);
+        if (md->post_norms) rms_norm(proj, ly->input_norm, md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
-        rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
-        lrc |= linear_forward(&ly->gate_up, normed, gu, m);
+        if (!md->post_norms) {
+            rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
+            mlp_in = normed;
+        }
+        lrc |= linear_forward(&ly->gate_up, mlp_in, gu, m);
         for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
         lrc |= linear_forward(&ly->down, act, proj, m);
+        if (md->post_norms) rms_norm(proj, ly->post_norm, md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         if (lrc != SG_OK) {
             free(arena);

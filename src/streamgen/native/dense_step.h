@@ -29,8 +29,8 @@ typedef struct {
 
 typedef struct {
     sg_linear qkv, o, gate_up, down;
-    const void *input_norm;
-    const void *post_norm;
+    const void *input_norm; /* the attention-side norm (see sg_model.post_norms) */
+    const void *post_norm;  /* the MLP-side norm */
     void *k_cache;
     void *v_cache;
     const void *q_norm; /* NULL: none; Qwen3: RMSNorm of each q head before rope */
@@ -45,6 +45,8 @@ typedef struct {
     int32_t dtype; /* norm weights and KV cache */
     float residual_scale; /* x += residual_scale * branch (Granite; 1 elsewhere) */
     const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
+    int32_t post_norms;    /* 1: a layer's norms on its branches' outputs (OLMo 2) */
+    int32_t qk_norm_whole; /* 1: q / k norms over the whole projection (OLMo 2), 0: per head */
 } sg_model;
 
 /* The rows of one step (see sg_forward_layers for the arguments). */

@@ -66,6 +66,8 @@ class NativeModel(ctypes.Structure):
         ("dtype", ctypes.c_int32),
         ("residual_scale", ctypes.c_float),
         ("qctx", ctypes.c_void_p),  # a quantized model's sg_qctx (its worker pool), or None
+        ("post_norms", ctypes.c_int32),  # 1: norms on the branches' outputs (OLMo 2)
+        ("qk_norm_whole", ctypes.c_int32),  # 1: q / k norms over the whole projection
     ]
 
 
