@@ -15,6 +15,7 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
         LlamaConfig,
         MistralConfig,
         Olmo2Config,
+        Phi3Config,
         Qwen2Config,
         Qwen3Config,
     )
@@ -35,7 +36,8 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     )
     common.update(overrides)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
-               "qwen3": Qwen3Config, "granite": GraniteConfig, "olmo2": Olmo2Config}  # fmt: skip
+               "qwen3": Qwen3Config, "granite": GraniteConfig, "olmo2": Olmo2Config,
+               "phi3": Phi3Config}  # fmt: skip
     cls = classes[model_type]
     return cls(**common)
 

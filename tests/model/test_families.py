@@ -21,8 +21,10 @@ FAMILIES = {
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
                     logits_scaling=2.5),
     "olmo2": dict(),
+    "phi3": dict(pad_token_id=0),
 }
-GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+# EOS banned for all 32 tokens, as HF's min_new_tokens bans it
+GREEDY = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -73,3 +75,26 @@ def test_the_quantized_path_tracks_the_dense_model(family) -> None:
     assert (q - d).abs().mean().item() <= 0.08 * d.std().item()
     assert (q - d).abs().max().item() <= 0.6 * d.std().item()
     assert (q.argmax(-1) == d.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_longrope_picks_the_long_factors_from_the_original_length_on() -> None:
+    """Per position, as a reference of the same arithmetic: short factors before the
+    original context length, long ones from it on, both scaled by the attention factor."""
+    import math
+
+    from streamgen.model.config import RopeSpec
+    from streamgen.model.rope import rope_angles, rope_inv_freq, rope_long_inv_freq
+
+    rope = RopeSpec(theta=1e4, rope_type="longrope", original_max_position_embeddings=100,
+                    partial_rotary_factor=0.5, short_factor=(1.0, 2.0), long_factor=(3.0, 5.0),
+                    attention_factor=1.2)  # fmt: skip
+    positions = torch.tensor([0, 99, 100, 4000])
+    cos, sin = rope_angles(rope, rope_inv_freq(rope, 8), rope_long_inv_freq(rope, 8), positions)
+    assert cos.shape == (4, 2)  # half of 0.5 x 8 rotated dims
+    for row, pos in enumerate(positions.tolist()):
+        factors = rope.short_factor if pos < 100 else rope.long_factor
+        for i, factor in enumerate(factors):
+            angle = pos / (factor * 1e4 ** (2 * i / 4))
+            # float32 angles of up to ~1e3 rad: ~1e-4 off in float64 terms
+            assert cos[row, i].item() == pytest.approx(1.2 * math.cos(angle), abs=1e-3)
+            assert sin[row, i].item() == pytest.approx(1.2 * math.sin(angle), abs=1e-3)

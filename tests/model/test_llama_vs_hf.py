@@ -24,6 +24,9 @@ BLOCK_SIZE = 16
 # Granite's four scales, away from 1 (Granite-3 uses 12 / 0.22 / 0.0078 / 8)
 GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
                logits_scaling=2.5)  # fmt: skip
+# 16-dim heads (tiny_hf_config), 0.75 of them rotated: 12 dims, 6 frequencies
+PHI_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.0, 4.2, 5.0],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.5, 9.0]}  # fmt: skip
 CONFIGS = {
     "llama-gqa-llama3-rope": (
         "llama",
@@ -43,6 +46,10 @@ CONFIGS = {
     "qwen3-qk-norm": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
     "granite-multipliers": ("granite", GRANITE),
     "olmo2-post-norms": ("olmo2", dict()),
+    "phi3-fused": ("phi3", dict(pad_token_id=0)),
+    # Phi-4-mini's shape: 3/4 of each head rotated, longrope (short factors below 192)
+    "phi3-partial-longrope": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75,
+                              rope_scaling=PHI_LONGROPE, original_max_position_embeddings=192)),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24, head_dim=16)),
 }
 

@@ -20,7 +20,6 @@ from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear, column_splits, upcast_min_rows
 from streamgen.model.llama import LlamaModel
 from streamgen.model.native_decode import NativeDecoder
-from streamgen.model.rope import rope_inv_freq
 from streamgen.native import native_kernels
 
 _DTYPES = {
@@ -194,7 +193,7 @@ def _quantize_at_load(
 
 def _finish(model: LlamaModel, spec: ModelSpec, kernels: Any, device: torch.device) -> None:
     model.native_decoder = NativeDecoder.for_model(model, kernels)
-    model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
+    model.init_rope(device)
     model.eval()
     model.requires_grad_(False)
 
@@ -280,9 +279,12 @@ def _fused_state_dict(
     for i in range(spec.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        state[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-            [get(attn + f"{p}_proj.weight") for p in "qkv"]
-        )
+        if spec.fused_projections:  # Phi-3: stored fused, in our order
+            state[dst + "self_attn.qkv_proj.weight"] = get(attn + "qkv_proj.weight")
+        else:
+            state[dst + "self_attn.qkv_proj.weight"] = torch.cat(
+                [get(attn + f"{p}_proj.weight") for p in "qkv"]
+            )
         if spec.qkv_bias:
             state[dst + "self_attn.qkv_proj.bias"] = torch.cat(
                 [get(attn + f"{p}_proj.bias") for p in "qkv"]
@@ -291,9 +293,12 @@ def _fused_state_dict(
         if spec.qk_norm:
             for norm in ("q_norm", "k_norm"):
                 state[dst + f"self_attn.{norm}.weight"] = get(attn + f"{norm}.weight")
-        state[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-            [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
-        )
+        if spec.fused_projections:
+            state[dst + "mlp.gate_up_proj.weight"] = get(src + "mlp.gate_up_proj.weight")
+        else:
+            state[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+                [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
+            )
         state[dst + "mlp.down_proj.weight"] = get(src + "mlp.down_proj.weight")
         for norm in spec.layer_norm_names:
             state[dst + f"{norm}.weight"] = get(src + f"{norm}.weight")

@@ -21,7 +21,6 @@ from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
 from streamgen.model.llama import LlamaModel
 from streamgen.model.quantized import PackedLinear, QuantizedEmbedding
-from streamgen.model.rope import rope_inv_freq
 from streamgen.native.kernels import NativeKernels
 from streamgen.native.qkernels import QuantContext
 
@@ -94,7 +93,7 @@ def build_quantized_model(
     wide = activation_bits == 16
     with torch.device("meta"):
         model = LlamaModel(spec)
-    model.inv_freq = rope_inv_freq(spec.rope, spec.head_dim)
+    model.init_rope(torch.device("cpu"))
     embed = weights["embed_tokens"]
     if isinstance(embed, tuple):
         model.embed_tokens = QuantizedEmbedding(embed[0], ctx)

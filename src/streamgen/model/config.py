@@ -6,6 +6,7 @@ streamgen sees; it never holds a reference to the transformers config object.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ class Architecture:
     qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before rope
     qk_norm_whole: bool = False  # OLMo 2: over the whole q / k projection instead
     post_norms: bool = False  # OLMo 2: norms on each branch's output, none on its input
+    # Phi-3: q/k/v and gate/up stored fused (self_attn.qkv_proj, mlp.gate_up_proj)
+    fused_projections: bool = False
     # the config's sliding window applies only with use_sliding_window=True (Qwen)
     window_needs_flag: bool = False
     # Granite: embedding / residual / attention multipliers and a logits divisor, read
@@ -35,9 +38,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
     "granite": Architecture(scales_from_config=True),
     "olmo2": Architecture(qk_norm=True, qk_norm_whole=True, post_norms=True),
+    "phi3": Architecture(fused_projections=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,13 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # the share of each head that is rotated (Phi-4-mini: 0.75); the rest passes through
+    partial_rotary_factor: float = 1.0
+    # longrope (Phi-3): per-frequency divisors for positions before / from the original
+    # context length, and the factor cos and sin are scaled by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,7 @@ class ModelSpec:
     qk_norm: bool = False
     qk_norm_whole: bool = False  # the q / k norms span the whole projection (OLMo 2)
     post_norms: bool = False  # h = x + norm(attn(x)); y = h + norm(mlp(h)) (OLMo 2)
+    fused_projections: bool = False  # checkpoints store qkv_proj / gate_up_proj (Phi-3)
     # x = embed * embedding_scale; h = x + residual_scale * attn(...), and likewise the MLP;
     # scores = q.k * attention_scale (None: head_dim ** -0.5); logits = head(h) / logits_divisor
     embedding_scale: float = 1.0
@@ -151,6 +163,7 @@ class ModelSpec:
             qk_norm=arch.qk_norm,
             qk_norm_whole=arch.qk_norm_whole,
             post_norms=arch.post_norms,
+            fused_projections=arch.fused_projections,
             **(_config_scales(config) if arch.scales_from_config else {}),
             bos_token_id=getattr(config, "bos_token_id", None),
             eos_token_ids=_as_id_tuple(getattr(config, "eos_token_id", None)),
@@ -183,19 +196,41 @@ def _rope_spec(config: Any) -> RopeSpec:
     params = {**scaling, **params}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's older name
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope_type={rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
         )
+    partial = float(
+        params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    )
+    original = int(
+        params.get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+        or config.max_position_embeddings
+    )
+    longrope: dict[str, Any] = {}
+    if rope_type == "longrope":
+        factor = params.get("factor") or config.max_position_embeddings / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:  # the LongRoPE paper's choice, as transformers makes it
+            attention_factor = (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            )
+        longrope = {
+            "short_factor": tuple(float(f) for f in params["short_factor"]),
+            "long_factor": tuple(float(f) for f in params["long_factor"]),
+            "attention_factor": float(attention_factor),
+        }
     return RopeSpec(
         theta=float(theta),
         rope_type=rope_type,
         factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", config.max_position_embeddings)
-        ),
+        original_max_position_embeddings=original,
+        partial_rotary_factor=partial,
+        **longrope,
     )
 
 

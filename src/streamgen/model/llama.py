@@ -26,7 +26,13 @@ from streamgen.attention.backend import AttentionBackend, AttentionMetadata
 from streamgen.model.config import ModelSpec
 from streamgen.model.linear import Linear
 from streamgen.model.native_decode import NativeDecoder
-from streamgen.model.rope import apply_rope, rope_inv_freq, signed_sin
+from streamgen.model.rope import (
+    apply_rope,
+    rope_angles,
+    rope_inv_freq,
+    rope_long_inv_freq,
+    signed_sin,
+)
 
 
 class RMSNorm(nn.Module):
@@ -167,6 +173,7 @@ class LlamaModel(nn.Module):
         self.register_buffer(
             "inv_freq", rope_inv_freq(spec.rope, spec.head_dim), persistent=False
         )
+        self.long_inv_freq: torch.Tensor | None = rope_long_inv_freq(spec.rope, spec.head_dim)
         # Set by the loader on CPU where the native kernels build (model/native_decode.py).
         self.native_decoder: NativeDecoder | None = None
 
@@ -214,10 +221,22 @@ class LlamaModel(nn.Module):
         divisor = self.spec.logits_divisor
         return logits if divisor == 1.0 else logits / divisor
 
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[num_tokens, rotary_dim // 2]`` float32 (model/rope.py)."""
+        inv_freq: torch.Tensor = self.inv_freq
+        return rope_angles(self.spec.rope, inv_freq, self.long_inv_freq, positions)
+
+    def init_rope(self, device: torch.device) -> None:
+        """(Re)compute the rope frequencies on ``device`` (after a meta-device build)."""
+        rope, head_dim = self.spec.rope, self.spec.head_dim
+        self.inv_freq = rope_inv_freq(rope, head_dim).to(device)
+        long = rope_long_inv_freq(rope, head_dim)
+        self.long_inv_freq = None if long is None else long.to(device)
+
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [num_tokens, 1, head_dim], computed in float32 like the reference models.
-        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
-        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        # [num_tokens, 1, rotary_dim], computed in float32 like the reference models.
+        cos, sin = self.rope_angles(positions)
         dtype = self.dtype
-        return emb.cos().to(dtype), signed_sin(emb.sin()).to(dtype)
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :]
+        sin = torch.cat((sin, sin), dim=-1)[:, None, :]
+        return cos.to(dtype), signed_sin(sin).to(dtype)

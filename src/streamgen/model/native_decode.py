@@ -25,6 +25,7 @@ import torch
 
 from streamgen.attention.backend import AttentionMetadata
 from streamgen.model.linear import Linear as LinearLayer
+from streamgen.model.rope import rotary_dim
 from streamgen.native.kernels import (
     MAX_NATIVE_ROWS,
     NativeKernels,
@@ -59,6 +60,7 @@ class NativeDecoder:
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
             _quant_context(model), int(spec.post_norms), int(spec.qk_norm_whole),
+            rotary_dim(spec.rope, spec.head_dim),
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
@@ -107,9 +109,7 @@ class NativeDecoder:
     ) -> torch.Tensor:  # [m, hidden] in the model's dtype, after the final norm
         model = self.model
         x = model.embed(input_ids).float()  # [m, hidden]
-        inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
-        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [m, head_dim / 2]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = model.rope_angles(positions)  # [m, rotary_dim / 2] each
         layers = self._layers(kv_caches)
         if num_layers > len(layers):
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")

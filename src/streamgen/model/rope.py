@@ -1,4 +1,5 @@
-"""Rotary position embeddings (HF "rotate_half" layout), with llama3 and linear scaling."""
+"""Rotary position embeddings (HF "rotate_half" layout), with llama3, linear and longrope
+scaling and partial rotary."""
 
 from __future__ import annotations
 
@@ -9,15 +10,57 @@ import torch
 from streamgen.model.config import RopeSpec
 
 
+def rotary_dim(rope: RopeSpec, head_dim: int) -> int:
+    """How many of each head's dims are rotated (the rest pass through: partial rotary)."""
+    return int(head_dim * rope.partial_rotary_factor)
+
+
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies, ``[head_dim // 2]`` float32."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """Inverse frequencies, ``[rotary_dim // 2]`` float32 (longrope: the short factors,
+    for positions before the original context length)."""
+    dim = rotary_dim(rope, head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "longrope":
+        return inv_freq / torch.tensor(rope.short_factor, dtype=torch.float32)
     return inv_freq
+
+
+def rope_long_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor | None:
+    """longrope: the inverse frequencies of positions from the original context length on
+    (the long factors); None for the other rope types."""
+    if rope.rope_type != "longrope":
+        return None
+    dim = rotary_dim(rope, head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(rope.long_factor, dtype=torch.float32) * rope.theta**exponents)
+
+
+def rope_angles(
+    rope: RopeSpec,
+    inv_freq: torch.Tensor,  # [rotary_dim // 2]
+    long_inv_freq: torch.Tensor | None,
+    positions: torch.Tensor,  # [num_tokens]
+) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin [num_tokens, rotary_dim // 2] float32
+    """cos and sin of every position's angles, float32.
+
+    longrope picks the frequencies by position: the short factors before the original
+    context length, the long ones from it on (as vLLM does: a cached key keeps the
+    rotation it was written with, where transformers re-rotates the whole sequence once
+    it grows past that length), and scales both by its attention factor."""
+    pos = positions.to(torch.float32)[:, None]
+    angles = pos * inv_freq[None, :]
+    if long_inv_freq is not None:
+        far = (positions >= rope.original_max_position_embeddings)[:, None]
+        angles = torch.where(far, pos * long_inv_freq[None, :], angles)
+    cos, sin = angles.cos(), angles.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos, sin
 
 
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
@@ -41,8 +84,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     ``signed_sin`` ``[num_tokens, 1, head_dim]`` (see :func:`signed_sin`).
 
     HF's "rotate_half" form, ``x * cos + cat(-x2, x1) * sin``, with the sign
-    folded into the table so that the step costs three kernels.
+    folded into the table so that the step costs three kernels. Tables narrower than
+    the head (partial rotary) rotate its first dims and pass the rest through.
     """
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :width], cos, signed_sin), x[..., width:]), dim=-1)
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, swapped, signed_sin)

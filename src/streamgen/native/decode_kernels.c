@@ -188,7 +188,8 @@ static void rms_norm(const float *x, const void *w, int32_t dtype, float *out, i
     }
 }
 
-/* HF rotate_half on one head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. */
+/* HF rotate_half on one head's first 2 * half dims (the rest, if any, pass through):
+ * x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. */
 static void rope_head(float *x, const float *cos_t, const float *sin_t, int64_t half) {
     for (int64_t i = 0; i < half; i++) {
         float x1 = x[i], x2 = x[i + half];
@@ -219,7 +220,8 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
  * [m, q_size]. */
 static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
                      int64_t m, float *out) {
-    const int64_t D = md->head_dim, half = D / 2, H = md->num_heads, KVH = md->num_kv_heads;
+    const int64_t D = md->head_dim, half = md->rotary_dim / 2, H = md->num_heads;
+    const int64_t KVH = md->num_kv_heads;
     const int64_t row = md->q_size + 2 * md->kv_size;
     for (int64_t r = 0; r < m; r++) {
         float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;

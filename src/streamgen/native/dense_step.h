@@ -47,6 +47,7 @@ typedef struct {
     const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
     int32_t post_norms;    /* 1: a layer's norms on its branches' outputs (OLMo 2) */
     int32_t qk_norm_whole; /* 1: q / k norms over the whole projection (OLMo 2), 0: per head */
+    int64_t rotary_dim;    /* the rotated dims of each head (< head_dim: partial rotary) */
 } sg_model;
 
 /* The rows of one step (see sg_forward_layers for the arguments). */

@@ -68,6 +68,7 @@ class NativeModel(ctypes.Structure):
         ("qctx", ctypes.c_void_p),  # a quantized model's sg_qctx (its worker pool), or None
         ("post_norms", ctypes.c_int32),  # 1: norms on the branches' outputs (OLMo 2)
         ("qk_norm_whole", ctypes.c_int32),  # 1: q / k norms over the whole projection
+        ("rotary_dim", ctypes.c_int64),  # rotated dims per head (< head_dim: partial rotary)
     ]
 
 
