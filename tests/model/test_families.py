@@ -98,3 +98,53 @@ def test_longrope_picks_the_long_factors_from_the_original_length_on() -> None:
             # float32 angles of up to ~1e3 rad: ~1e-4 off in float64 terms
             assert cos[row, i].item() == pytest.approx(1.2 * math.cos(angle), abs=1e-3)
             assert sin[row, i].item() == pytest.approx(1.2 * math.sin(angle), abs=1e-3)
+
+
+async def _engine_outputs(loaded, config, params: SamplingParams) -> tuple[list[list[int]], dict]:
+    import anyio
+
+    from streamgen import Engine
+
+    results: dict[int, list[int]] = {}
+    async with Engine(loaded, config) as engine:
+
+        async def consume(i: int, prompt: list[int]) -> None:
+            results[i] = [e.token_id async for e in engine.stream(prompt, params)]
+
+        async with anyio.create_task_group() as tg:
+            for i, prompt in enumerate(prompts()):
+                tg.start_soon(consume, i, prompt)
+        stats = engine.stats()
+    return [results[i] for i in range(len(prompts()))], stats
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
+    family, anyio_backend: str
+) -> None:
+    """The engine paths beyond the forward: a draft model of the same family (the model's
+    own checkpoint) and self-speculation, and preemption by recompute and swap over a
+    prefix-cached pool, each give the plain greedy tokens."""
+    from streamgen import ConfigError, EngineConfig, SpeculationConfig
+
+    _, path, _ = family
+    loaded = load_model(path, load_tokenizer=False)
+    expected = OfflineGenerator(loaded, KVCacheConfig(64)).generate(prompts(), GREEDY)
+    for speculation in (SpeculationConfig(method="self", adaptive=False),
+                        SpeculationConfig(method="draft_model", draft_model=str(path),
+                                          adaptive=False)):  # fmt: skip
+        config = EngineConfig(num_kv_blocks=64, speculation=speculation)
+        if loaded.spec.sliding_window is not None:  # a documented limit: a typed refusal
+            with pytest.raises(ConfigError, match="sliding-window"):
+                await _engine_outputs(loaded, config, GREEDY)
+            continue
+        outputs, stats = await _engine_outputs(loaded, config, GREEDY)
+        assert outputs == expected, speculation.method
+        assert stats["speculation"]["draft_tokens"] > 0
+    for mode, host in (("recompute", 0), ("swap", 64)):
+        small = EngineConfig(num_kv_blocks=6, preemption_mode=mode, num_host_blocks=host,
+                             max_num_batched_tokens=64, max_model_len=96)  # fmt: skip
+        outputs, stats = await _engine_outputs(loaded, small, GREEDY)
+        assert stats["preemptions"] > 0, mode
+        assert outputs == expected, mode
