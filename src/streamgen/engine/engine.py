@@ -220,14 +220,16 @@ class Engine:
         priority: int = 0,
         *,
         buffer: int | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> RequestStream:
         """Start a request and return its token stream (an async iterator and handle).
 
         ``prompt``: text, chat messages (``[{"role": ..., "content": ...}]``,
-        rendered with the model's chat template) or token ids. Invalid input
+        rendered with the model's chat template, to which ``chat_template_kwargs`` go:
+        ``{"enable_thinking": False}`` for Qwen3) or token ids. Invalid input
         raises a :class:`~streamgen.RequestError` before anything is queued.
         """
-        return self._start(prompt, params, 1, priority, buffer)[0]
+        return self._start(prompt, params, 1, priority, buffer, chat_template_kwargs)[0]
 
     def stream_choices(
         self,
@@ -237,6 +239,7 @@ class Engine:
         priority: int = 0,
         *,
         buffer: int | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestStream]:
         """``n`` samples of one prompt (parallel sampling), each its own stream.
 
@@ -255,7 +258,7 @@ class Engine:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RequestError(f"n must be an int >= 1, got {n!r}")
-        return self._start(prompt, params, n, priority, buffer)
+        return self._start(prompt, params, n, priority, buffer, chat_template_kwargs)
 
     def _start(
         self,
@@ -264,6 +267,7 @@ class Engine:
         n: int,
         priority: int,
         buffer: int | None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestStream]:
         """Check everything, then create ``n`` requests of one prompt (the first is the
         one the others fork off) and their streams, and submit them together."""
@@ -324,7 +328,11 @@ class Engine:
                     request.grammar = compiler.state(constraint)
 
         long_text = isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS
-        ready = None if long_text else make_requests(self._tokenize(prompt))
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise RequestError(
+                f"chat_template_kwargs must be a mapping, got {type(chat_template_kwargs).__name__}"
+            )
+        ready = None if long_text else make_requests(self._tokenize(prompt, chat_template_kwargs))
         if ready is not None and (
             compiler is None or compiler.is_compiled(constraint)  # type: ignore[arg-type]
         ):
@@ -366,10 +374,15 @@ class Engine:
         return self._compiler
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> Completion:
         """The whole completion at once."""
-        stream = self.stream(prompt, params, priority)
+        stream = self.stream(prompt, params, priority, chat_template_kwargs=chat_template_kwargs)
         texts, token_ids = [], []
         async for event in stream:
             texts.append(event.text)
