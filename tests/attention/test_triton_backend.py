@@ -209,6 +209,8 @@ FAMILY_CONFIGS = {  # tiny configs of each family (16-dim heads: the kernels' ti
                     attention_multiplier=0.2, logits_scaling=2.5),
     "olmo2": dict(),
     "phi3": dict(pad_token_id=0, partial_rotary_factor=0.75),
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 

@@ -22,6 +22,8 @@ FAMILIES = {
                     logits_scaling=2.5),
     "olmo2": dict(),
     "phi3": dict(pad_token_id=0),
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 # EOS banned for all 32 tokens, as HF's min_new_tokens bans it
 GREEDY = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
@@ -135,7 +137,8 @@ async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
                         SpeculationConfig(method="draft_model", draft_model=str(path),
                                           adaptive=False)):  # fmt: skip
         config = EngineConfig(num_kv_blocks=64, speculation=speculation)
-        if loaded.spec.sliding_window is not None:  # a documented limit: a typed refusal
+        windowed = loaded.spec.sliding_window is not None or loaded.spec.local_window is not None
+        if windowed:  # a documented limit: a typed refusal
             with pytest.raises(ConfigError, match="sliding-window"):
                 await _engine_outputs(loaded, config, GREEDY)
             continue

@@ -27,6 +27,10 @@ GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_mult
 # 16-dim heads (tiny_hf_config), 0.75 of them rotated: 12 dims, 6 frequencies
 PHI_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.0, 4.2, 5.0],
                 "long_factor": [1.0, 1.5, 2.5, 4.0, 6.5, 9.0]}  # fmt: skip
+# Two sliding-window layers (a window of 8, crossed by the 37-token prompt) around a
+# global one, each with its rope base; scores scaled by 24 ** -0.5, not head_dim's
+GEMMA3 = dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, tie_word_embeddings=True,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
 CONFIGS = {
     "llama-gqa-llama3-rope": (
         "llama",
@@ -47,6 +51,8 @@ CONFIGS = {
     "granite-multipliers": ("granite", GRANITE),
     "olmo2-post-norms": ("olmo2", dict()),
     "phi3-fused": ("phi3", dict(pad_token_id=0)),
+    "gemma3-local-global": ("gemma3_text", GEMMA3),
+    "gemma3-softcap": ("gemma3_text", dict(GEMMA3, final_logit_softcapping=3.0)),
     # Phi-4-mini's shape: 3/4 of each head rotated, longrope (short factors below 192)
     "phi3-partial-longrope": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75,
                               rope_scaling=PHI_LONGROPE, original_max_position_embeddings=192)),

@@ -48,18 +48,18 @@ LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
 HEAD_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-# OLMo 2's norms on the branches' outputs (ModelSpec.post_norms).
-POST_NORMS = {
-    "post_attention_layernorm": "post_attention_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
+# llama.cpp's names of a layer's norms by role (ModelSpec.layer_norm_roles).
+ROLE_NORMS = {"attn_in": "attn_norm", "attn_out": "post_attention_norm",
+              "mlp_in": "ffn_norm", "mlp_out": "post_ffw_norm"}  # fmt: skip
 
 
-def layer_norms(qk_norm: bool, post_norms: bool = False) -> dict[str, str]:
-    """The norm weights of each layer (``qk_norm``: q / k norms, ``post_norms``: norms on
-    the branches' outputs, as ``ModelSpec`` has them): streamgen module -> GGUF tensor
-    stem."""
-    return {**(POST_NORMS if post_norms else LAYER_NORMS), **(HEAD_NORMS if qk_norm else {})}
+def layer_norms(qk_norm: bool, placement: str = "pre") -> dict[str, str]:
+    """The norm weights of each layer (``qk_norm``: q / k norms; ``placement``:
+    ``ModelSpec.norm_placement``): streamgen module -> GGUF tensor stem."""
+    from streamgen.model.config import NORM_ROLES
+
+    norms = {name: ROLE_NORMS[role] for role, name in NORM_ROLES[placement].items()}
+    return {**norms, **(HEAD_NORMS if qk_norm else {})}
 
 Weight = tuple[PackedWeight, ...] | torch.Tensor
 

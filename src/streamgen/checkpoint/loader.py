@@ -16,7 +16,7 @@ import torch
 
 from streamgen.checkpoint.safetensors_dir import CheckpointTensors
 from streamgen.errors import ConfigError, ModelLoadError
-from streamgen.model.config import ModelSpec
+from streamgen.model.config import ARCHITECTURES, ModelSpec
 from streamgen.model.linear import Linear, column_splits, upcast_min_rows
 from streamgen.model.llama import LlamaModel
 from streamgen.model.native_decode import NativeDecoder
@@ -300,6 +300,11 @@ def _fused_state_dict(
                 [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]
             )
         state[dst + "mlp.down_proj.weight"] = get(src + "mlp.down_proj.weight")
-        for norm in spec.layer_norm_names:
+        for norm in spec.layer_norm_roles.values():
             state[dst + f"{norm}.weight"] = get(src + f"{norm}.weight")
+    arch = ARCHITECTURES[spec.model_type]
+    if arch.norm_offset:  # Gemma: (1 + w) folded into the weights (exact in float32)
+        for name, value in state.items():
+            if name.endswith("norm.weight"):
+                state[name] = value + arch.norm_offset
     return state

@@ -71,7 +71,7 @@ def quantize_state(
     for i in range(spec.num_layers):
         for name in _LINEARS:
             weights[f"layers.{i}.{name}"] = packed(state[f"layers.{i}.{name}.weight"])
-        for norm in layer_norms(spec.qk_norm, spec.post_norms):
+        for norm in layer_norms(spec.qk_norm, spec.norm_placement):
             weights[f"layers.{i}.{norm}"] = state[f"layers.{i}.{norm}.weight"].float()
     return weights
 
@@ -113,7 +113,7 @@ def build_quantized_model(
                 kernels,
                 residual_activations=wide,
             )
-        for norm in layer_norms(spec.qk_norm, spec.post_norms):
+        for norm in layer_norms(spec.qk_norm, spec.norm_placement):
             layer.get_submodule(norm).weight = torch.nn.Parameter(
                 _dense(weights[f"layers.{i}.{norm}"]), requires_grad=False
             )

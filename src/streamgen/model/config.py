@@ -20,7 +20,14 @@ class Architecture:
     qkv_bias: bool = False  # q/k/v projections carry a bias (unless the config says)
     qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before rope
     qk_norm_whole: bool = False  # OLMo 2: over the whole q / k projection instead
-    post_norms: bool = False  # OLMo 2: norms on each branch's output, none on its input
+    # where a layer's norms sit (NORM_ROLES): "pre" (on each branch's input: Llama),
+    # "post" (on its output: OLMo 2) or "both" (Gemma 3)
+    norm_placement: str = "pre"
+    norm_offset: float = 0.0  # Gemma: norms scale by (offset + weight), folded in at load
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" or "gelu_tanh" (GeGLU)
+    # Gemma 3: embeddings times sqrt(hidden), scores times query_pre_attn_scalar ** -0.5,
+    # interleaved sliding-window and global layers (layer_types) with their own rope bases
+    gemma_scales: bool = False
     # Phi-3: q/k/v and gate/up stored fused (self_attn.qkv_proj, mlp.gate_up_proj)
     fused_projections: bool = False
     # the config's sliding window applies only with use_sliding_window=True (Qwen)
@@ -37,10 +44,28 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(qkv_bias=True, window_needs_flag=True),
     "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
     "granite": Architecture(scales_from_config=True),
-    "olmo2": Architecture(qk_norm=True, qk_norm_whole=True, post_norms=True),
+    "olmo2": Architecture(qk_norm=True, qk_norm_whole=True, norm_placement="post"),
+    "gemma3_text": Architecture(
+        qk_norm=True, norm_placement="both", norm_offset=1.0, hidden_act="gelu_tanh",
+        gemma_scales=True,
+    ),
     "phi3": Architecture(fused_projections=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
+# Per norm placement: a layer's norms by role (attention / MLP branch, input / output)
+# under their HF module names.
+NORM_ROLES: dict[str, dict[str, str]] = {
+    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
+    "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
+    "both": {
+        "attn_in": "input_layernorm",
+        "attn_out": "post_attention_layernorm",
+        "mlp_in": "pre_feedforward_layernorm",
+        "mlp_out": "post_feedforward_layernorm",
+    },
+}
+# HF hidden_act names -> streamgen's
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
@@ -83,7 +108,14 @@ class ModelSpec:
     sliding_window: int | None = None
     qk_norm: bool = False
     qk_norm_whole: bool = False  # the q / k norms span the whole projection (OLMo 2)
-    post_norms: bool = False  # h = x + norm(attn(x)); y = h + norm(mlp(h)) (OLMo 2)
+    norm_placement: str = "pre"  # see Architecture / NORM_ROLES
+    hidden_act: str = "silu"  # "silu" or "gelu_tanh"
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    # Interleaved local attention (Gemma 3): per layer whether it is a sliding-window one,
+    # that window, and the rope those layers use (the others use ``rope``).
+    sliding_layers: tuple[bool, ...] = ()
+    local_window: int | None = None
+    local_rope: RopeSpec | None = None
     fused_projections: bool = False  # checkpoints store qkv_proj / gate_up_proj (Phi-3)
     # x = embed * embedding_scale; h = x + residual_scale * attn(...), and likewise the MLP;
     # scores = q.k * attention_scale (None: head_dim ** -0.5); logits = head(h) / logits_divisor
@@ -102,12 +134,18 @@ class ModelSpec:
             )
 
     @property
-    def layer_norm_names(self) -> tuple[str, str]:
-        """The two norms of a layer, attention side then MLP side, by their HF names:
-        on the branches' inputs (Llama) or on their outputs (``post_norms``: OLMo 2)."""
-        if self.post_norms:
-            return ("post_attention_layernorm", "post_feedforward_layernorm")
-        return ("input_layernorm", "post_attention_layernorm")
+    def layer_norm_roles(self) -> dict[str, str]:
+        """A layer's norms by role (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``)
+        under their HF module names (``NORM_ROLES``)."""
+        return NORM_ROLES[self.norm_placement]
+
+    @property
+    def post_norms(self) -> bool:
+        """Norms on the branches' outputs only (OLMo 2)."""
+        return self.norm_placement == "post"
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_layers) and self.sliding_layers[layer]
 
     @property
     def softmax_scale(self) -> float:
@@ -142,9 +180,10 @@ class ModelSpec:
         qkv_bias = bool(getattr(config, "attention_bias", arch.qkv_bias))
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError(f"{model_type}: mlp_bias=True is not supported")
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{model_type}: hidden_act={act!r} (only 'silu')")
+        if getattr(config, "attn_logit_softcapping", None):
+            raise UnsupportedModelError(
+                f"{model_type}: attention logit soft-capping is not supported"
+            )
         return cls(
             model_type=model_type,
             vocab_size=int(config.vocab_size),
@@ -162,7 +201,10 @@ class ModelSpec:
             sliding_window=_sliding_window(config, model_type, arch),
             qk_norm=arch.qk_norm,
             qk_norm_whole=arch.qk_norm_whole,
-            post_norms=arch.post_norms,
+            norm_placement=arch.norm_placement,
+            hidden_act=_activation(config, model_type, arch),
+            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+            **(_gemma_fields(config) if arch.gemma_scales else {}),
             fused_projections=arch.fused_projections,
             **(_config_scales(config) if arch.scales_from_config else {}),
             bos_token_id=getattr(config, "bos_token_id", None),
@@ -170,7 +212,35 @@ class ModelSpec:
         )
 
 
-def _config_scales(config: Any) -> dict[str, float]:
+def _activation(config: Any, model_type: str, arch: Architecture) -> str:
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if ACTIVATIONS.get(str(act)) != arch.hidden_act:
+        raise UnsupportedModelError(
+            f"{model_type}: hidden activation {act!r} (supported: {arch.hidden_act!r})"
+        )
+    return arch.hidden_act
+
+
+def _gemma_fields(config: Any) -> dict[str, Any]:
+    """Gemma 3's scales and its interleaved sliding / global layers."""
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    local = params.get("sliding_attention") or {}
+    local_theta = local.get("rope_theta", getattr(config, "rope_local_base_freq", 10000.0))
+    if local.get("rope_type", "default") != "default":
+        raise UnsupportedModelError("gemma3_text: local rope scaling is not supported")
+    window = getattr(config, "sliding_window", None)
+    return {
+        "embedding_scale": float(config.hidden_size) ** 0.5,
+        "attention_scale": float(config.query_pre_attn_scalar) ** -0.5,
+        "sliding_layers": sliding if any(sliding) else (),
+        "local_window": int(window) if window and any(sliding) else None,
+        "local_rope": RopeSpec(theta=float(local_theta)) if any(sliding) else None,
+    }
+
+
+def _config_scales(config: Any) -> dict[str, Any]:
     """Granite's multipliers, under ModelSpec's names."""
     return {
         "embedding_scale": float(config.embedding_multiplier),
@@ -192,6 +262,8 @@ def _rope_spec(config: Any) -> RopeSpec:
     # transformers >= 5 keeps everything in `rope_parameters`; older versions
     # use `rope_theta` plus an optional `rope_scaling` dict.
     params: dict[str, Any] = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:  # per layer type (Gemma 3): the global layers' rope
+        params = dict(params["full_attention"] or {})
     scaling = getattr(config, "rope_scaling", None) or {}
     params = {**scaling, **params}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -235,6 +307,8 @@ def _rope_spec(config: Any) -> RopeSpec:
 
 
 def _sliding_window(config: Any, model_type: str, arch: Architecture) -> int | None:
+    if arch.gemma_scales:  # per layer: ModelSpec.local_window
+        return None
     if arch.window_needs_flag:
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModelError(

@@ -18,6 +18,8 @@ of SmolLM2 (300 calls).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,12 @@ def head_norms(
     return torch.cat(
         (q_norm.forward(qk[:, :num_heads]), k_norm.forward(qk[:, num_heads:])), dim=1
     )
+
+
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 def projection_norms(
@@ -110,12 +118,13 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.intermediate_size = spec.intermediate_size
+        self.activation = GATE_ACTIVATIONS[spec.hidden_act]  # SwiGLU or GeGLU
         self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+        return self.down_proj.forward(self.activation(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -124,16 +133,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec)
         self.mlp = MLP(spec)
         self.residual_scale = spec.residual_scale
-        # The attention-side and MLP-side norms, under their HF names: on the branches'
-        # inputs, or on their outputs (ModelSpec.post_norms: OLMo 2).
-        self.post_norms = spec.post_norms
-        self.norm_names = spec.layer_norm_names
-        for name in self.norm_names:
+        # The layer's norms by role under their HF names (ModelSpec.layer_norm_roles): on
+        # the branches' inputs (Llama), outputs (OLMo 2) or both (Gemma 3).
+        self.norm_roles = spec.layer_norm_roles
+        for name in self.norm_roles.values():
             self.add_module(name, RMSNorm(spec.hidden_size, spec.rms_norm_eps))
 
+    def norm(self, role: str) -> RMSNorm | None:
+        """The norm of ``role`` (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``)."""
+        name = self.norm_roles.get(role)
+        return None if name is None else getattr(self, name)
+
     def norms(self) -> tuple[RMSNorm, RMSNorm]:
-        """(attention side, MLP side)."""
-        attn_norm, mlp_norm = (getattr(self, name) for name in self.norm_names)
+        """(attention side, MLP side): the native step's two norms (no "both" layout)."""
+        attn_norm, mlp_norm = (getattr(self, name) for name in self.norm_roles.values())
         return attn_norm, mlp_norm
 
     def forward(
@@ -145,17 +158,17 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        attn_norm, mlp_norm = self.norms()
+        attn_in, attn_out = self.norm("attn_in"), self.norm("attn_out")
+        mlp_in, mlp_out = self.norm("mlp_in"), self.norm("mlp_out")
         scale = self.residual_scale  # Granite's residual_multiplier (1.0 elsewhere)
-        if self.post_norms:  # OLMo 2
-            attn = attn_norm.forward(self.self_attn.forward(x, cos, sin, kv_cache, metadata,
-                                                            backend))  # fmt: skip
-            h = x + attn if scale == 1.0 else x + scale * attn
-            mlp = mlp_norm.forward(self.mlp.forward(h))
-            return h + mlp if scale == 1.0 else h + scale * mlp
-        attn = self.self_attn.forward(attn_norm.forward(x), cos, sin, kv_cache, metadata, backend)
+        normed = x if attn_in is None else attn_in.forward(x)
+        attn = self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
+        if attn_out is not None:
+            attn = attn_out.forward(attn)
         h = x + attn if scale == 1.0 else x + scale * attn
-        mlp = self.mlp.forward(mlp_norm.forward(h))
+        mlp = self.mlp.forward(h if mlp_in is None else mlp_in.forward(h))
+        if mlp_out is not None:
+            mlp = mlp_out.forward(mlp)
         return h + mlp if scale == 1.0 else h + scale * mlp
 
 
@@ -197,11 +210,30 @@ class LlamaModel(nn.Module):
             return native.forward(input_ids, positions, kv_caches, metadata, count)
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
+        local = self._local_attention(positions, metadata)
         x = self.embed(input_ids).to(self.dtype)
         layers = self.layers if num_layers is None else self.layers[:num_layers]
-        for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
+            if local is not None and self.spec.is_sliding(i):  # Gemma 3's local layers
+                local_cos, local_sin, local_metadata = local
+                x = layer.forward(x, local_cos, local_sin, kv_cache, local_metadata, backend)
+            else:
+                x = layer.forward(x, cos, sin, kv_cache, metadata, backend)
         return self.norm.forward(x)
+
+    def _local_attention(
+        self, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None:
+        """Sliding-window layers (Gemma 3): their rope tables and the step's metadata
+        with their window; None for models without such layers."""
+        spec = self.spec
+        if spec.local_rope is None or spec.local_window is None:
+            return None
+        inv_freq = rope_inv_freq(spec.local_rope, spec.head_dim).to(positions.device)
+        cos, sin = rope_angles(spec.local_rope, inv_freq, None, positions)
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(self.dtype)
+        sin = signed_sin(torch.cat((sin, sin), dim=-1)[:, None, :]).to(self.dtype)
+        return cos, sin, dataclasses.replace(metadata, sliding_window=spec.local_window)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         """The token embeddings, times the spec's ``embedding_scale`` (Granite)."""
@@ -219,7 +251,9 @@ class LlamaModel(nn.Module):
         the spec's ``logits_divisor``: Granite)."""
         logits = self.lm_head.forward(hidden).float()
         divisor = self.spec.logits_divisor
-        return logits if divisor == 1.0 else logits / divisor
+        logits = logits if divisor == 1.0 else logits / divisor
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[num_tokens, rotary_dim // 2]`` float32 (model/rope.py)."""

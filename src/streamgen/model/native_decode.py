@@ -78,6 +78,11 @@ class NativeDecoder:
             return None
         if any(isinstance(m, LinearLayer) and m.splits is not None for m in model.modules()):
             return None
+        spec = model.spec
+        if spec.norm_placement == "both" or spec.hidden_act != "silu" or spec.sliding_layers:
+            return None  # Gemma 3's layout: the torch path (its kernels still native)
+        if spec.final_logit_softcap is not None:
+            return None
         return cls(model, kernels)
 
     def accepts(

@@ -28,7 +28,7 @@ def make_drafter(
             target's, or ``self_layers`` is not below the target's layer count.
     """
     spec = target.spec
-    if spec.sliding_window is not None:
+    if spec.sliding_window is not None or spec.local_window is not None:
         raise ConfigError(
             "speculative decoding does not support sliding-window attention models yet"
         )
