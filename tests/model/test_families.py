@@ -151,3 +151,34 @@ async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
         outputs, stats = await _engine_outputs(loaded, small, GREEDY)
         assert stats["preemptions"] > 0, mode
         assert outputs == expected, mode
+
+
+@pytest.mark.parametrize("backend", ["native", "flex"])
+def test_gemma3s_per_layer_windows_through_the_cpu_backends(tmp_path: Path, backend: str) -> None:
+    """The sliding layers' own metadata reaches the CPU attention backends the engine picks
+    for larger models (the native kernels, flex): the same logits as the reference."""
+    from streamgen.attention.flex import FlexAttentionBackend, flex_available
+    from streamgen.attention.native import NativeAttentionBackend
+    from streamgen.native import native_kernels
+    from streamgen.runner.batch import ModelBatch, SequenceChunk
+    from streamgen.runner.model_runner import ModelRunner
+
+    if backend == "native" and native_kernels() is None:
+        pytest.skip("no native kernels")
+    if backend == "flex" and not flex_available(torch.device("cpu")):
+        pytest.skip("no flex attention")
+    make_hf_checkpoint(tmp_path, tiny_hf_config("gemma3_text", **FAMILIES["gemma3_text"]))
+    loaded = load_model(tmp_path, load_tokenizer=False)
+    make = {"native": NativeAttentionBackend, "flex": lambda: FlexAttentionBackend(
+        fallback_to_reference=True)}[backend]  # fmt: skip
+    outputs = {}
+    for name, chosen in (("reference", "torch"), (backend, make())):
+        runner = ModelRunner(loaded, KVCacheConfig(block_size=8, num_blocks=16), backend=chosen)
+        tokens, table = prompts()[2], [3, 0, 7, 1, 5]
+        logits = [runner.forward_logits(ModelBatch([SequenceChunk("r", tokens, 0, table)]))]
+        for _ in range(4):
+            tokens = [*tokens, int(logits[-1][-1].argmax())]
+            chunk = SequenceChunk("r", tokens[-1:], len(tokens) - 1, table)
+            logits.append(runner.forward_logits(ModelBatch([chunk])))
+        outputs[name] = torch.cat([lg[-1:] for lg in logits])
+    assert (outputs[backend] - outputs["reference"]).abs().max().item() < 1e-4

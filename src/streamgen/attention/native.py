@@ -137,7 +137,7 @@ class NativeAttentionBackend(AttentionBackend):
         if struct is None:
             struct = NativeModel(
                 num_heads * head_dim, num_heads * head_dim, num_kv_heads * head_dim, 0,
-                num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, code, 0,
+                num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, code, 1.0,
             )  # fmt: skip
             self._structs[key] = struct
         return struct
