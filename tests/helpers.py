@@ -11,6 +11,7 @@ import torch
 def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     """A small random-weight config of the given family (GQA by default)."""
     from transformers import (
+        Gemma2Config,
         Gemma3TextConfig,
         GraniteConfig,
         LlamaConfig,
@@ -38,7 +39,8 @@ def tiny_hf_config(model_type: str = "llama", **overrides: Any) -> Any:
     common.update(overrides)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
                "qwen3": Qwen3Config, "granite": GraniteConfig, "olmo2": Olmo2Config,
-               "phi3": Phi3Config, "gemma3_text": Gemma3TextConfig}  # fmt: skip
+               "phi3": Phi3Config, "gemma3_text": Gemma3TextConfig,
+               "gemma2": Gemma2Config}  # fmt: skip
     cls = classes[model_type]
     return cls(**common)
 

@@ -241,3 +241,18 @@ def test_model_families_through_the_triton_backend(tmp_path: Path, family: str) 
             steps.append(runner.forward_logits(ModelBatch([chunk]))[-1])
         rows[name] = torch.stack(steps)
     assert (rows["triton"] - rows["torch"]).abs().max().item() < 1e-4
+
+
+def test_soft_capped_scores_are_a_typed_refusal() -> None:
+    """Gemma 2's attention logit soft-capping is not in the kernels: a typed error at
+    prepare (the engine's auto choice serves such models with the torch reference)."""
+    from dataclasses import replace
+
+    from streamgen.errors import BackendUnavailableError
+
+    metadata = make_metadata(
+        scattered_block_tables([5], BLOCK_SIZE, NUM_BLOCKS, torch.Generator().manual_seed(0)),
+        [5], [5], BLOCK_SIZE,
+    )  # fmt: skip
+    with pytest.raises(BackendUnavailableError, match="soft-capping"):
+        TritonAttentionBackend().prepare(replace(metadata, logit_softcap=50.0))

@@ -24,6 +24,8 @@ FAMILIES = {
     "phi3": dict(pad_token_id=0),
     "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
 }
 # EOS banned for all 32 tokens, as HF's min_new_tokens bans it
 GREEDY = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
@@ -153,10 +155,12 @@ async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
         assert outputs == expected, mode
 
 
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma2"])
 @pytest.mark.parametrize("backend", ["native", "flex"])
-def test_gemma3s_per_layer_windows_through_the_cpu_backends(tmp_path: Path, backend: str) -> None:
+def test_gemmas_through_the_cpu_backends(tmp_path: Path, backend: str, name: str) -> None:
     """The sliding layers' own metadata reaches the CPU attention backends the engine picks
-    for larger models (the native kernels, flex): the same logits as the reference."""
+    for larger models (the native kernels, flex), and Gemma 2's soft-capped scores go to
+    the reference through them: the same logits as the reference."""
     from streamgen.attention.flex import FlexAttentionBackend, flex_available
     from streamgen.attention.native import NativeAttentionBackend
     from streamgen.native import native_kernels
@@ -167,7 +171,7 @@ def test_gemma3s_per_layer_windows_through_the_cpu_backends(tmp_path: Path, back
         pytest.skip("no native kernels")
     if backend == "flex" and not flex_available(torch.device("cpu")):
         pytest.skip("no flex attention")
-    make_hf_checkpoint(tmp_path, tiny_hf_config("gemma3_text", **FAMILIES["gemma3_text"]))
+    make_hf_checkpoint(tmp_path, tiny_hf_config(name, **FAMILIES[name]))
     loaded = load_model(tmp_path, load_tokenizer=False)
     make = {"native": NativeAttentionBackend, "flex": lambda: FlexAttentionBackend(
         fallback_to_reference=True)}[backend]  # fmt: skip

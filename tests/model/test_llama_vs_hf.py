@@ -52,6 +52,9 @@ CONFIGS = {
     "olmo2-post-norms": ("olmo2", dict()),
     "phi3-fused": ("phi3", dict(pad_token_id=0)),
     "gemma3-local-global": ("gemma3_text", GEMMA3),
+    # soft-capped scores and logits, caps small enough to bite
+    "gemma2-softcaps": ("gemma2", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                       attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     "gemma3-softcap": ("gemma3_text", dict(GEMMA3, final_logit_softcapping=3.0)),
     # Phi-4-mini's shape: 3/4 of each head rotated, longrope (short factors below 192)
     "phi3-partial-longrope": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75,

@@ -42,6 +42,8 @@ def resolve_backend(
     """
     if name != "auto":
         return name
+    if spec.attn_logit_softcap is not None:
+        return "torch"  # soft-capped scores (Gemma 2): only the reference has them
     device = torch.device(device)
     if device.type != "cpu":
         from streamgen.attention.registry import default_backend_name

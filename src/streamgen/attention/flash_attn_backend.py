@@ -72,6 +72,11 @@ class FlashAttnBackend(AttentionBackend):
         self._plan: _FlashPlan | None = None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        if metadata.logit_softcap is not None:
+            raise BackendUnavailableError(
+                "the flash-attn backend here has no attention logit soft-capping (Gemma 2): "
+                "use attention_backend='torch'"
+            )
         self._plan_for = metadata
         self._plan = _make_plan(metadata, self._varlen_takes_block_table)
         if metadata.tree_mask is not None:

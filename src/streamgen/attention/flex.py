@@ -185,6 +185,8 @@ class FlexAttentionBackend(AttentionBackend):
         if self.disabled_reason is None and query.device not in self._checked_devices:
             self._check_device(query.device)
         plan = None if self.disabled_reason else self._step_plan(metadata, k_cache.shape[0])
+        if metadata.logit_softcap is not None:
+            plan = None  # soft-capped scores (Gemma 2): the reference serves them
         # No plan: flex is off, no chunk is flex's, or a page sits at two logical
         # positions (not expressible by the masks).
         if plan is None:

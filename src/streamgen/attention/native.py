@@ -143,6 +143,8 @@ class NativeAttentionBackend(AttentionBackend):
         return struct
 
     def _make_plan(self, metadata: AttentionMetadata) -> _StepPlan | None:
+        if metadata.logit_softcap is not None:
+            return None  # soft-capped scores (Gemma 2): the reference serves them
         if metadata.tree_mask is not None and metadata.sliding_window is not None:
             return None  # the kernel does not combine the two: the reference does it all
         if metadata.slot_mapping.device.type != "cpu":

@@ -61,11 +61,12 @@ class TorchReferenceBackend(AttentionBackend):
     ) -> torch.Tensor:
         if self._plan_for is not metadata:
             self.prepare(metadata)
+        cap = metadata.logit_softcap
         if len(self._plans) == 1 and self._plans[0].covers_batch:
-            return _attend_group(query, k_cache, v_cache, self._plans[0], scale)
+            return _attend_group(query, k_cache, v_cache, self._plans[0], scale, cap)
         output = torch.empty_like(query)
         for plan in self._plans:
-            group_out = _attend_group(query, k_cache, v_cache, plan, scale)
+            group_out = _attend_group(query, k_cache, v_cache, plan, scale, cap)
             output.index_copy_(0, plan.output_rows, group_out)
         return output
 
@@ -76,6 +77,7 @@ def _attend_group(
     v_cache: torch.Tensor,
     plan: _GroupPlan,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [group_tokens, num_heads, head_dim]
     num_seqs, num_blocks = plan.block_tables.shape
     _, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -94,7 +96,44 @@ def _attend_group(
     # CPU SDPA kernels are 3x slower in bf16/fp16 than in fp32 on AVX2 machines,
     # and the operands are small: compute in fp32 there.
     compute_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
-    out = F.scaled_dot_product_attention(
+    if softcap is not None:
+        out = _softcapped_attention(q, k, v, plan, scale, softcap).to(query.dtype)
+    else:
+        out = _sdpa(q, k, v, plan, scale, compute_dtype).to(query.dtype)
+    if plan.covers_batch:
+        return out.transpose(1, 2).reshape(query.shape)
+    flat = out.transpose(1, 2).reshape(-1, *query.shape[1:])  # [seqs * max_q, heads, head_dim]
+    return flat.index_select(0, plan.valid_index)
+
+
+def _softcapped_attention(
+    q: torch.Tensor,  # [seqs, heads, max_q, head_dim]
+    k: torch.Tensor,  # [seqs, kv_heads, kv_len, head_dim]
+    v: torch.Tensor,
+    plan: _GroupPlan,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:  # [seqs, heads, max_q, head_dim] float32
+    """Attention with Gemma 2's soft-capped scores, in float32 (SDPA has no such option)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # [seqs, heads, max_q, kv_len]
+    scores = softcap * torch.tanh(scores / softcap)
+    if plan.mask is not None:
+        scores = scores.masked_fill(~plan.mask, float("-inf"))
+    elif plan.is_causal:  # a whole prompt: max_q == kv_len
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _GroupPlan, scale: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    num_kv_heads = k.shape[1]
+    return F.scaled_dot_product_attention(
         q.to(compute_dtype),
         k.to(compute_dtype),
         v.to(compute_dtype),
@@ -102,11 +141,7 @@ def _attend_group(
         is_causal=plan.is_causal,
         scale=scale,
         enable_gqa=num_kv_heads != q.shape[1],
-    ).to(query.dtype)  # [seqs, heads, max_q, head_dim]
-    if plan.covers_batch:
-        return out.transpose(1, 2).reshape(query.shape)
-    flat = out.transpose(1, 2).reshape(-1, *query.shape[1:])  # [seqs * max_q, heads, head_dim]
-    return flat.index_select(0, plan.valid_index)
+    )  # [seqs, heads, max_q, head_dim]
 
 
 # Chunks up to this many new tokens (draft trees, short chunks) form their own group:

@@ -99,6 +99,11 @@ class TritonAttentionBackend(AttentionBackend):
                 "the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set "
                 "before streamgen.kernels is first imported"
             )
+        if metadata.logit_softcap is not None:
+            raise BackendUnavailableError(
+                "the triton backend has no attention logit soft-capping (Gemma 2): use "
+                "attention_backend='torch'"
+            )
         self._plan_for = metadata
         self._plan = _make_plan(metadata, self._decode_partition_size)
 

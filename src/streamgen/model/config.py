@@ -45,6 +45,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture(qk_norm=True, window_needs_flag=True),
     "granite": Architecture(scales_from_config=True),
     "olmo2": Architecture(qk_norm=True, qk_norm_whole=True, norm_placement="post"),
+    "gemma2": Architecture(
+        norm_placement="both", norm_offset=1.0, hidden_act="gelu_tanh", gemma_scales=True
+    ),
     "gemma3_text": Architecture(
         qk_norm=True, norm_placement="both", norm_offset=1.0, hidden_act="gelu_tanh",
         gemma_scales=True,
@@ -111,6 +114,7 @@ class ModelSpec:
     norm_placement: str = "pre"  # see Architecture / NORM_ROLES
     hidden_act: str = "silu"  # "silu" or "gelu_tanh"
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    attn_logit_softcap: float | None = None  # scores = cap * tanh(scores / cap) (Gemma 2)
     # Interleaved local attention (Gemma 3): per layer whether it is a sliding-window one,
     # that window, and the rope those layers use (the others use ``rope``).
     sliding_layers: tuple[bool, ...] = ()
@@ -180,10 +184,6 @@ class ModelSpec:
         qkv_bias = bool(getattr(config, "attention_bias", arch.qkv_bias))
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError(f"{model_type}: mlp_bias=True is not supported")
-        if getattr(config, "attn_logit_softcapping", None):
-            raise UnsupportedModelError(
-                f"{model_type}: attention logit soft-capping is not supported"
-            )
         return cls(
             model_type=model_type,
             vocab_size=int(config.vocab_size),
@@ -204,6 +204,7 @@ class ModelSpec:
             norm_placement=arch.norm_placement,
             hidden_act=_activation(config, model_type, arch),
             final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
             **(_gemma_fields(config) if arch.gemma_scales else {}),
             fused_projections=arch.fused_projections,
             **(_config_scales(config) if arch.scales_from_config else {}),
@@ -222,12 +223,16 @@ def _activation(config: Any, model_type: str, arch: Architecture) -> str:
 
 
 def _gemma_fields(config: Any) -> dict[str, Any]:
-    """Gemma 3's scales and its interleaved sliding / global layers."""
+    """Gemma's scales and its interleaved sliding / global layers."""
     layer_types = list(getattr(config, "layer_types", None) or [])
     sliding = tuple(t == "sliding_attention" for t in layer_types)
     params = dict(getattr(config, "rope_parameters", None) or {})
     local = params.get("sliding_attention") or {}
-    local_theta = local.get("rope_theta", getattr(config, "rope_local_base_freq", 10000.0))
+    # Gemma 3: a rope per layer type; Gemma 2: one rope for every layer
+    default_theta = getattr(config, "rope_local_base_freq", None) or params.get(
+        "rope_theta", getattr(config, "rope_theta", 10000.0)
+    )
+    local_theta = local.get("rope_theta", default_theta)
     if local.get("rope_type", "default") != "default":
         raise UnsupportedModelError("gemma3_text: local rope scaling is not supported")
     window = getattr(config, "sliding_window", None)

@@ -208,6 +208,8 @@ class LlamaModel(nn.Module):
         if native is not None and native.accepts(metadata, input_ids.shape[0], kv_caches):
             count = len(self.layers) if num_layers is None else num_layers
             return native.forward(input_ids, positions, kv_caches, metadata, count)
+        if self.spec.attn_logit_softcap is not None:  # Gemma 2, every layer
+            metadata = dataclasses.replace(metadata, logit_softcap=self.spec.attn_logit_softcap)
         backend.prepare(metadata)
         cos, sin = self._rope_tables(positions)
         local = self._local_attention(positions, metadata)
