@@ -33,6 +33,7 @@ from streamgen.checkpoint.gguf_architectures import gguf_architecture
 from streamgen.checkpoint.gguf_file import read_gguf_file
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, Unpacked, packed_weight, unpack
 from streamgen.errors import ModelLoadError, UnsupportedModelError
+from streamgen.model.config import NORM_ROLES
 from streamgen.native.qkernels import PackedWeight
 
 DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
@@ -43,8 +44,7 @@ LAYER_PARTS = {
     "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
     "mlp.down_proj": ("ffn_down",),
 }
-LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-# Qwen3's per-head q / k norms (ModelSpec.qk_norm): head_dim weights each.
+# Per-head q / k norms (ModelSpec.qk_norm): head_dim weights each.
 HEAD_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
@@ -56,10 +56,9 @@ ROLE_NORMS = {"attn_in": "attn_norm", "attn_out": "post_attention_norm",
 def layer_norms(qk_norm: bool, placement: str = "pre") -> dict[str, str]:
     """The norm weights of each layer (``qk_norm``: q / k norms; ``placement``:
     ``ModelSpec.norm_placement``): streamgen module -> GGUF tensor stem."""
-    from streamgen.model.config import NORM_ROLES
-
     norms = {name: ROLE_NORMS[role] for role, name in NORM_ROLES[placement].items()}
     return {**norms, **(HEAD_NORMS if qk_norm else {})}
+
 
 Weight = tuple[PackedWeight, ...] | torch.Tensor
 
@@ -139,7 +138,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     for i in range(layers):
         for part, out in expected_out.items():
             check_shape(f"blk.{i}.{part}.weight", (out, expected_in.get(part, hidden)))
-        for norm in LAYER_NORMS.values():
+        for norm in layer_norms(qk_norm=False).values():
             check_shape(f"blk.{i}.{norm}.weight", (hidden,))
         if arch.qk_norm:
             for norm in HEAD_NORMS.values():

@@ -105,17 +105,11 @@ class EngineCore:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, metrics: RequestMetrics | None = None) -> None:
-        """Queue a validated request (validation already raised on the caller's side).
-
-        ``metrics`` is updated in place by this thread (when the request first
-        runs, how it speculates).
-        """
-        self._inbox.put((request, metrics or RequestMetrics()))
-
     def submit_group(self, members: list[tuple[Request, RequestMetrics]]) -> None:
-        """Queue validated requests that the core adds between the same two steps (the
-        parallel samples of one prompt: the first is the one the others fork off)."""
+        """Queue validated requests (one, or the parallel samples of one prompt, the first
+        the one the others fork off), added between the same two steps. ``metrics`` of
+        each is updated in place by the core thread (when it first runs, how it
+        speculates)."""
         self._inbox.put(SubmitGroup(tuple(members)))
 
     def send(self, command: Abort | SetPriority | Credit | Shutdown) -> None:
@@ -241,7 +235,7 @@ class EngineCore:
             # Structured outputs: the masks are computed beside the forward (another
             # thread; llguidance and the kernels both release the GIL) where the forward
             # leaves CPUs free (a GPU, or fewer kernel threads than CPUs), else before it.
-            constrained = self._constrained_rows(batch)
+            constrained = self._constrained_rows(batch) if self.scheduler.has_constrained() else []
             masked = None
             if constrained and self._overlap_masks:
                 masked = self._mask_worker().submit(self._constrain, batch, constrained).result

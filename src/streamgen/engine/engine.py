@@ -502,16 +502,6 @@ class Engine:
             raise InvalidPromptError("the prompt is empty")
         return token_ids
 
-    def _submit(
-        self,
-        core: EngineCore,
-        request: Request,
-        send: MemoryObjectSendStream[Any],
-        stream: RequestStream,
-    ) -> None:
-        self._senders[request.request_id] = send
-        core.submit(request, stream.metrics)
-
     def _dispatch(self, events: StepEvents) -> None:
         """On the event loop: push one step's events into the streams (never blocks)."""
         for rid, items in events.items():

@@ -57,6 +57,7 @@ def head_norms(
     )
 
 
+NORM_ROLE_ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 GATE_ACTIVATIONS = {
     "silu": F.silu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -138,6 +139,9 @@ class DecoderLayer(nn.Module):
         self.norm_roles = spec.layer_norm_roles
         for name in self.norm_roles.values():
             self.add_module(name, RMSNorm(spec.hidden_size, spec.rms_norm_eps))
+        # (attn_in, attn_out, mlp_in, mlp_out), resolved once (a plain tuple: the modules
+        # stay registered under their names; loading replaces weights, not modules)
+        self._role_norms = tuple(self.norm(role) for role in NORM_ROLE_ORDER)
 
     def norm(self, role: str) -> RMSNorm | None:
         """The norm of ``role`` (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``)."""
@@ -158,8 +162,7 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        attn_in, attn_out = self.norm("attn_in"), self.norm("attn_out")
-        mlp_in, mlp_out = self.norm("mlp_in"), self.norm("mlp_out")
+        attn_in, attn_out, mlp_in, mlp_out = self._role_norms
         scale = self.residual_scale  # Granite's residual_multiplier (1.0 elsewhere)
         normed = x if attn_in is None else attn_in.forward(x)
         attn = self.self_attn.forward(normed, cos, sin, kv_cache, metadata, backend)
@@ -187,6 +190,7 @@ class LlamaModel(nn.Module):
             "inv_freq", rope_inv_freq(spec.rope, spec.head_dim), persistent=False
         )
         self.long_inv_freq: torch.Tensor | None = rope_long_inv_freq(spec.rope, spec.head_dim)
+        self.local_inv_freq: torch.Tensor | None = _local_inv_freq(spec)
         # Set by the loader on CPU where the native kernels build (model/native_decode.py).
         self.native_decoder: NativeDecoder | None = None
 
@@ -231,8 +235,8 @@ class LlamaModel(nn.Module):
         spec = self.spec
         if spec.local_rope is None or spec.local_window is None:
             return None
-        inv_freq = rope_inv_freq(spec.local_rope, spec.head_dim).to(positions.device)
-        cos, sin = rope_angles(spec.local_rope, inv_freq, None, positions)
+        assert self.local_inv_freq is not None
+        cos, sin = rope_angles(spec.local_rope, self.local_inv_freq, None, positions)
         cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(self.dtype)
         sin = signed_sin(torch.cat((sin, sin), dim=-1)[:, None, :]).to(self.dtype)
         return cos, sin, dataclasses.replace(metadata, sliding_window=spec.local_window)
@@ -268,6 +272,8 @@ class LlamaModel(nn.Module):
         self.inv_freq = rope_inv_freq(rope, head_dim).to(device)
         long = rope_long_inv_freq(rope, head_dim)
         self.long_inv_freq = None if long is None else long.to(device)
+        local = _local_inv_freq(self.spec)
+        self.local_inv_freq = None if local is None else local.to(device)
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, rotary_dim], computed in float32 like the reference models.
@@ -276,3 +282,8 @@ class LlamaModel(nn.Module):
         cos = torch.cat((cos, cos), dim=-1)[:, None, :]
         sin = torch.cat((sin, sin), dim=-1)[:, None, :]
         return cos.to(dtype), signed_sin(sin).to(dtype)
+
+
+def _local_inv_freq(spec: ModelSpec) -> torch.Tensor | None:
+    """The sliding layers' rope frequencies (Gemma), None for models without them."""
+    return None if spec.local_rope is None else rope_inv_freq(spec.local_rope, spec.head_dim)

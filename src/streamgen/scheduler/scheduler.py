@@ -116,6 +116,7 @@ class Scheduler:
         self._swapped: list[Request] = []
         self._forks: dict[str, list[Request]] = {}  # parent id -> requests to fork off it
         self._num_forks = 0
+        self._num_constrained = 0  # live requests with a grammar (structured outputs)
         self._last_scheduled: dict[str, int] = {}
         self._last_drafts: dict[str, tuple[int, int]] = {}
         self._next_arrival = 0
@@ -144,6 +145,7 @@ class Scheduler:
         request.finish_reason = None
         request.hold_at = None
         self._requests[request.request_id] = request
+        self._num_constrained += request.grammar is not None
         parent = self._requests.get(request.fork_parent or "")
         if parent is not None and _can_fork(parent, request):
             request.status = RequestStatus.FORKING
@@ -196,6 +198,10 @@ class Scheduler:
 
     def swapped_ids(self) -> list[str]:
         return [r.request_id for r in self._swapped]
+
+    def has_constrained(self) -> bool:
+        """Whether any live request has a grammar (the step then computes masks)."""
+        return self._num_constrained > 0
 
     def forking_ids(self) -> list[str]:
         return [r.request_id for children in self._forks.values() for r in children]
@@ -454,6 +460,7 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self._requests[req.request_id]
+        self._num_constrained -= req.grammar is not None
         self._last_scheduled.pop(req.request_id, None)
         self._last_drafts.pop(req.request_id, None)
 

@@ -41,30 +41,31 @@ class _EngineCollector(Collector):
             "requests_waiting": ("requests queued for their first step", "waiting"),
             "requests_swapped": ("requests preempted to host memory", "swapped"),
         }
-        for name, (doc, key) in gauges.items():
-            yield GaugeMetricFamily(f"streamgen_{name}", doc, value=float(stats[key]))
-        yield CounterMetricFamily(
-            "streamgen_preemptions", "requests preempted (recompute or swap)",
-            value=float(stats["preemptions"]),
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "streamgen_forks", "parallel samples started by forking a prompt's KV blocks",
-            value=float(stats["forks"]),
-        )  # fmt: skip
+        counters = {
+            "preemptions": ("requests preempted (recompute or swap)", "preemptions"),
+            "forks": ("parallel samples started by forking a prompt's KV blocks", "forks"),
+        }
+        yield from _families(stats, gauges, counters)
         spec = stats.get("speculation")
         if spec:
-            yield CounterMetricFamily(
-                "streamgen_spec_draft_tokens", "draft tokens verified",
-                value=float(spec["draft_tokens"]),
+            yield from _families(
+                spec,
+                {"spec_acceptance_rate": ("accepted / drafted tokens so far", "acceptance_rate")},
+                {"spec_draft_tokens": ("draft tokens verified", "draft_tokens"),
+                 "spec_accepted_tokens": ("draft tokens accepted", "accepted_tokens")},
             )  # fmt: skip
-            yield CounterMetricFamily(
-                "streamgen_spec_accepted_tokens", "draft tokens accepted",
-                value=float(spec["accepted_tokens"]),
-            )  # fmt: skip
-            yield GaugeMetricFamily(
-                "streamgen_spec_acceptance_rate", "accepted / drafted tokens so far",
-                value=float(spec["acceptance_rate"]),
-            )  # fmt: skip
+
+
+def _families(
+    stats: dict[str, Any],
+    gauges: dict[str, tuple[str, str]],
+    counters: dict[str, tuple[str, str]],
+) -> Iterator[Any]:
+    """``streamgen_<name>`` gauges and counters, each ``name: (help, key in stats)``."""
+    for name, (doc, key) in gauges.items():
+        yield GaugeMetricFamily(f"streamgen_{name}", doc, value=float(stats[key]))
+    for name, (doc, key) in counters.items():
+        yield CounterMetricFamily(f"streamgen_{name}", doc, value=float(stats[key]))
 
 
 class ServerMetrics:
