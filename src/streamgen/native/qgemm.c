@@ -73,6 +73,7 @@ int sg_quantize_act(const float *x, int64_t m, int64_t in, sg_qact *a) {
             a->d[r * (in / SG_QBLOCK) + blk] = d;
             a->s16[r * (in / 16) + blk * 2] = s[0];
             a->s16[r * (in / 16) + blk * 2 + 1] = s[1];
+            a->ds[r * (in / SG_QBLOCK) + blk] = d * (float)(s[0] + s[1]);
         }
     }
     return SG_QOK;
@@ -95,7 +96,7 @@ static void quantize_task(void *ctx, int64_t task) {
     const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
     const int64_t in = job->in, blocks = in / SG_QBLOCK;
     sg_qact rows = {job->a->q + r0 * in, job->a->d + r0 * blocks, job->a->s16 + r0 * (in / 16),
-                    r1 - r0, in, 0};
+                    job->a->ds + r0 * blocks, r1 - r0, in, 0};
     job->quantize(job->x + r0 * in, r1 - r0, in, &rows);
 }
 
@@ -170,13 +171,14 @@ int sg_qact_alloc(sg_qact *a, int64_t m, int64_t in) {
     a->q = (int8_t *)malloc((size_t)(m * in) + 1);
     a->d = (float *)malloc(sizeof(float) * (size_t)(m * in / SG_QBLOCK) + 1);
     a->s16 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(m * in / 16) + 1);
+    a->ds = (float *)malloc(sizeof(float) * (size_t)(m * in / SG_QBLOCK) + 1);
     a->m = m, a->in = in, a->pairs = 0;
-    return a->q && a->d && a->s16 ? SG_QOK : SG_QENOMEM;
+    return a->q && a->d && a->s16 && a->ds ? SG_QOK : SG_QENOMEM;
 }
 
 void sg_qact_free(sg_qact *a) {
-    free(a->q), free(a->d), free(a->s16);
-    a->q = NULL, a->d = NULL, a->s16 = NULL;
+    free(a->q), free(a->d), free(a->s16), free(a->ds);
+    a->q = NULL, a->d = NULL, a->s16 = NULL, a->ds = NULL;
 }
 
 /* y [m, out] f32 = x [m, in] f32 @ W^T + bias, quantizing x on the way. */
@@ -191,8 +193,9 @@ int sg_qlinear(const sg_qctx *ctx, const sg_qweight *w, const float *x, int64_t 
 static int quantize_pairs(const float *x, int64_t m, int64_t in, sg_qact *a, float *scratch) {
     const int64_t blocks = in / SG_QBLOCK;
     for (int64_t r = 0; r < m; r++) {
-        sg_qact first = {a->q + 2 * r * in, a->d + 2 * r * blocks, a->s16 + 2 * r * (in / 16), 1, in, 0};
-        sg_qact second = {first.q + in, first.d + blocks, first.s16 + in / 16, 1, in, 0};
+        sg_qact first = {a->q + 2 * r * in, a->d + 2 * r * blocks, a->s16 + 2 * r * (in / 16),
+                         a->ds + 2 * r * blocks, 1, in, 0};
+        sg_qact second = {first.q + in, first.d + blocks, first.s16 + in / 16, first.ds + blocks, 1, in, 0};
         int rc = sg_quantize_act(x + r * in, 1, in, &first);
         for (int64_t k = 0; rc == SG_QOK && k < in; k++)
             scratch[k] = x[r * in + k] - first.d[k / SG_QBLOCK] * (float)first.q[k];

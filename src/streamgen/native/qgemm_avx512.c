@@ -43,6 +43,14 @@ INLINE void unpack_block(const sg_qformat *f, const uint8_t *tile, int b, __m512
     }
 }
 
+/* The 4 activations at p in every 32-bit lane (a broadcast load: no trip through a
+ * general register). */
+INLINE __m512i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
 INLINE __m512 u8_to_ps(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 INLINE __m512 i8_to_ps(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 INLINE __m512 f16_to_ps(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
@@ -82,21 +90,17 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
         __m512 sc0, sc1 = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
         block_scales(f, tile, b, dsup, dmin, &sc0, &sc1, &mn);
         for (int r = 0; r < NR; r++) {
-            const int64_t row = row0 + r;
-            int32_t a4[8];
-            memcpy(a4, a->q + row * in + blk * SG_QBLOCK, sizeof a4);
-            const __m512i z = _mm512_setzero_si512();
-            __m512i p0 = _mm512_dpbusd_epi32(z, wq[0], _mm512_set1_epi32(a4[0]));
-            __m512i p1 = _mm512_dpbusd_epi32(z, wq[1], _mm512_set1_epi32(a4[1]));
-            __m512i p2 = _mm512_dpbusd_epi32(z, wq[4], _mm512_set1_epi32(a4[4]));
-            __m512i p3 = _mm512_dpbusd_epi32(z, wq[5], _mm512_set1_epi32(a4[5]));
-            p0 = _mm512_dpbusd_epi32(p0, wq[2], _mm512_set1_epi32(a4[2]));
-            p1 = _mm512_dpbusd_epi32(p1, wq[3], _mm512_set1_epi32(a4[3]));
-            p2 = _mm512_dpbusd_epi32(p2, wq[6], _mm512_set1_epi32(a4[6]));
-            p3 = _mm512_dpbusd_epi32(p3, wq[7], _mm512_set1_epi32(a4[7]));
-            __m512i lo = _mm512_add_epi32(p0, p1), hi = _mm512_add_epi32(p2, p3);
+            const int64_t row = row0 + r, at = row * blocks + blk;
+            const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
+            /* two chains of four: quads 0-3 (inputs 0-15), quads 4-7 (16-31) */
+            __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], bcast4(aq));
+            __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[4], bcast4(aq + 16));
+            for (int j = 1; j < 4; j++) {
+                lo = _mm512_dpbusd_epi32(lo, wq[j], bcast4(aq + 4 * j));
+                hi = _mm512_dpbusd_epi32(hi, wq[j + 4], bcast4(aq + 16 + 4 * j));
+            }
             const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
-            const __m512 da = _mm512_set1_ps(a->d[row * blocks + blk]);
+            const __m512 da = _mm512_set1_ps(a->d[at]);
             if (f->sub == 32) {
                 __m512i isum = _mm512_add_epi32(lo, hi);
                 if (f->zp) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(f->zp * (s16[0] + s16[1])));
@@ -107,8 +111,7 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(sc0, da), acc[r]);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(sc1, da), acc[r]);
             }
-            if (f->min_kind != SG_MIN_NONE)
-                acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->d[row * blocks + blk] * (float)(s16[0] + s16[1])), acc[r]);
+            if (f->min_kind != SG_MIN_NONE) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->ds[at]), acc[r]);
         }
     }
     if (a->pairs) /* NR and row0 are even: each pair is one output row */

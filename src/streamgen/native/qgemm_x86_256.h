@@ -1,12 +1,11 @@
 /*
  * 256-bit quantized matmul, shared by the AVX2 and AVX-VNNI variants: a quad image of a
  * row group is two 256-bit halves (rows 0-7, rows 8-15), each done as its own 8-row pass.
- * The only difference between the variants is the 4-input dot product (dot_pair):
+ * The only difference between the variants is the 4-input dot product (dot_quads):
  *
  *   AVX-VNNI  vpdpbusd                                  u8 x s8 -> s32
- *   AVX2      vpmaddubsw (u8 x s8 -> s16 pairs), vpmaddwd by 1 -> s32
- *             (two quads' s16 sums added first: 2 x 2 x 63 x 127 < 2^15 for <= 6 bits;
- *              8-bit quants take the sign trick on q - 128, so their zero point is folded)
+ *   AVX2      vpmaddubsw (u8 x s8 -> s16 pairs), summed in int16 while they cannot
+ *             overflow, vpmaddwd by 1 -> s32
  *
  * The including file sets SG_X86_VNNI and its `#pragma GCC target`, and names the table.
  */
@@ -49,26 +48,55 @@ INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int hal
     }
 }
 
-/* acc + the 4-input dot products of quads (w0, a0) and (w1, a1), 8 rows. */
-INLINE __m256i dot_pair(const sg_qformat *f, __m256i acc, __m256i w0, __m256i a0, __m256i w1, __m256i a1) {
+/* The 4 activations at p in every 32-bit lane (a broadcast load). */
+INLINE __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+#if !SG_X86_VNNI
+/* Quads summed in int16 before one vpmaddwd: each vpmaddubsw lane is two products of a
+ * weight q < 2^bits and an activation |a| <= 127, so 2^15 / (2 * (2^bits - 1) * 127)
+ * lanes fit: 8 quads at 4 bits, 4 at 5, 2 at 6. */
+INLINE int quads_per_madd(const sg_qformat *f) { return f->bits == 4 ? 8 : f->bits == 5 ? 4 : 2; }
+#endif
+
+/* The 4-input dot products of quads [j0, j0 + n) of a block (weights wq, activations aq),
+ * summed in int32, 8 rows:
+ *   AVX-VNNI  one vpdpbusd chain;
+ *   AVX2      vpmaddubsw per quad, int16 sums of quads_per_madd quads, vpmaddwd by 1;
+ *             8-bit quants take the sign trick on q - 128, so their zero point is folded. */
+INLINE __m256i dot_quads(const sg_qformat *f, const __m256i *wq, const int8_t *aq, int j0, int n) {
 #if SG_X86_VNNI
     (void)f;
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, w0, a0), w1, a1);
+    __m256i acc = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wq[j0], bcast4(aq + 4 * j0));
+    for (int j = j0 + 1; j < j0 + n; j++) acc = _mm256_dpbusd_avx_epi32(acc, wq[j], bcast4(aq + 4 * j));
+    return acc;
 #else
     const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
     if (f->bits == 8) {
         const __m256i bias = _mm256_set1_epi8((char)0x80);
-        const __m256i s0 = _mm256_xor_si256(w0, bias), s1 = _mm256_xor_si256(w1, bias);
-        const __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(s0, s0), _mm256_sign_epi8(a0, s0));
-        const __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(s1, s1), _mm256_sign_epi8(a1, s1));
-        return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones)));
+        for (int j = j0; j < j0 + n; j++) {
+            const __m256i s = _mm256_xor_si256(wq[j], bias), x = bcast4(aq + 4 * j);
+            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(x, s));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        }
+        return acc;
     }
-    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    const int per = quads_per_madd(f);
+    for (int c = j0; c < j0 + n; c += per) {
+        __m256i p = _mm256_maddubs_epi16(wq[c], bcast4(aq + 4 * c));
+        for (int j = c + 1; j < c + per && j < j0 + n; j++)
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wq[j], bcast4(aq + 4 * j)));
+        acc = c == j0 ? _mm256_madd_epi16(p, ones) : _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    return acc;
 #endif
 }
 
-/* The zero point still to subtract after dot_pair (AVX2 folds the 8-bit one). */
+/* The zero point still to subtract after dot_quads (AVX2 folds the 8-bit one). */
 INLINE int zero_point(const sg_qformat *f) {
 #if SG_X86_VNNI
     return f->zp;
@@ -114,29 +142,21 @@ INLINE void half_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *
         if (f->min_kind == SG_MIN_F16) mn = f16_to_ps(mp + 16 * half);
         if (f->min_kind == SG_MIN_K) mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
         for (int r = 0; r < NR; r++) {
-            const int64_t row = row0 + r;
-            int32_t a4[8];
-            memcpy(a4, a->q + row * in + blk * SG_QBLOCK, sizeof a4);
-            const __m256i z = _mm256_setzero_si256();
-            __m256i lo = dot_pair(f, z, wq[0], _mm256_set1_epi32(a4[0]), wq[1], _mm256_set1_epi32(a4[1]));
-            __m256i hi = dot_pair(f, z, wq[4], _mm256_set1_epi32(a4[4]), wq[5], _mm256_set1_epi32(a4[5]));
-            lo = dot_pair(f, lo, wq[2], _mm256_set1_epi32(a4[2]), wq[3], _mm256_set1_epi32(a4[3]));
-            hi = dot_pair(f, hi, wq[6], _mm256_set1_epi32(a4[6]), wq[7], _mm256_set1_epi32(a4[7]));
+            const int64_t row = row0 + r, at = row * blocks + blk;
+            const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
             const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
-            const float d = a->d[row * blocks + blk];
-            const __m256 da = _mm256_set1_ps(d);
+            const __m256 da = _mm256_set1_ps(a->d[at]);
             if (f->sub == 32) {
-                __m256i isum = _mm256_add_epi32(lo, hi);
+                __m256i isum = dot_quads(f, wq, aq, 0, 8);
                 if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc0, da), acc[r]);
             } else {
-                lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(zp * s16[0]));
-                hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(zp * s16[1]));
+                const __m256i lo = _mm256_sub_epi32(dot_quads(f, wq, aq, 0, 4), _mm256_set1_epi32(zp * s16[0]));
+                const __m256i hi = _mm256_sub_epi32(dot_quads(f, wq, aq, 4, 4), _mm256_set1_epi32(zp * s16[1]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc0, da), acc[r]);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc1, da), acc[r]);
             }
-            if (f->min_kind != SG_MIN_NONE)
-                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(d * (float)(s16[0] + s16[1])), acc[r]);
+            if (f->min_kind != SG_MIN_NONE) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->ds[at]), acc[r]);
         }
     }
     if (a->pairs) /* NR and row0 are even: each pair is one output row */
@@ -193,6 +213,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t in, sg_qact *a) {
             a->d[r * (in / SG_QBLOCK) + blk] = d;
             a->s16[r * (in / 16) + blk * 2] = s0;
             a->s16[r * (in / 16) + blk * 2 + 1] = s1;
+            a->ds[r * (in / SG_QBLOCK) + blk] = d * (float)(s0 + s1);
         }
     }
 }

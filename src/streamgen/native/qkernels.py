@@ -52,6 +52,7 @@ class QActStruct(ctypes.Structure):
         ("q", ctypes.c_void_p),
         ("d", ctypes.c_void_p),
         ("s16", ctypes.c_void_p),
+        ("ds", ctypes.c_void_p),
         ("m", ctypes.c_int64),
         ("in_features", ctypes.c_int64),
         ("pairs", ctypes.c_int64),
@@ -272,7 +273,8 @@ class QuantContext:
         q = torch.empty(m, n, dtype=torch.int8)
         d = torch.empty(m, n // 32, dtype=torch.float32)
         s16 = torch.empty(m, n // 16, dtype=torch.int32)
-        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
+        ds = torch.empty(m, n // 32, dtype=torch.float32)
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), ds.data_ptr(), m, n, 0)
         _check(
             self._lib.quantize_act(
                 ctypes.byref(self._struct), x.data_ptr(), m, n, ctypes.byref(act)
@@ -287,7 +289,9 @@ class QuantContext:
         """The matmul over activations already quantized (``quantize_activations``)."""
         m, n = q.shape
         y = torch.empty(m, weight.padded_out, dtype=torch.float32)
-        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), m, n, 0)
+        # the mins' term d * (block sum of q), as the quantizer computes it (one fp32 product)
+        ds = (d * s16.view(m, -1, 2).sum(-1).float()).contiguous()
+        act = QActStruct(q.data_ptr(), d.data_ptr(), s16.data_ptr(), ds.data_ptr(), m, n, 0)
         ws = weight.struct()
         _check(
             self._lib.qgemm(

@@ -90,13 +90,14 @@ typedef struct {
 } sg_qweight;
 
 /* Activations quantized per 32 inputs: x ~= d * q, with the sums of q per 16 inputs
- * (the zero points and mins need them). Rows are m, inputs in (a multiple of 32).
+ * (the zero points need them) and d times each block's sum (the mins' term). Rows are m, inputs in (a multiple of 32).
  * pairs: rows 2r and 2r + 1 are one input row's int8 rounding and the int8 rounding of
  * its residual (~16-bit activations); the kernels write y_r = y_2r + y_2r+1 (m / 2 rows). */
 typedef struct {
     int8_t *q;    /* [m, in] */
     float *d;     /* [m, in / 32] */
     int32_t *s16; /* [m, in / 16] */
+    float *ds;    /* [m, in / 32]: d * (float)(sum of the block's q) */
     int64_t m, in;
     int64_t pairs;
 } sg_qact;
