@@ -155,6 +155,30 @@ def test_alone_equals_in_a_batch_of_8_and_under_preemption(quantized) -> None:
     )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_layer_inputs_equal_the_finished_rows_quantized(gguf_path: Path, threads: int) -> None:
+    """The native step quantizes each layer's input as the norm / SwiGLU make it
+    (fuse_inputs): bit for bit the hidden states of quantizing the finished float rows,
+    at decode sizes and at a prefill whose rows are split over the pool (>= 16)."""
+    loaded = load_model(gguf_path, threads=threads, load_tokenizer=False)
+    decoder = loaded.model.native_decoder
+    assert decoder is not None
+    ids = [(7 * i + 3) % 40000 + 100 for i in range(40)]
+    hidden = []
+    for fuse in (1, 0):
+        decoder.struct.fuse_inputs = fuse
+        runner = ModelRunner(loaded, KVCacheConfig(block_size=16, num_blocks=8))
+        table = list(range(8))
+        inputs = runner.prepare(ModelBatch([SequenceChunk("r", ids[:37], 0, table)]))
+        rows = [runner.forward_hidden(inputs)]  # 37 rows: pooled
+        for pos in (37, 38):  # 1 row, then 2 (a short chunk)
+            chunk = SequenceChunk("r", ids[pos : pos + 1 + (pos - 37)], pos, table)
+            rows.append(runner.forward_hidden(runner.prepare(ModelBatch([chunk]))))
+        hidden.append(torch.cat(rows))
+    decoder.struct.fuse_inputs = 1
+    assert torch.equal(hidden[0], hidden[1])
+
+
 def test_one_and_two_threads_give_the_same_tokens(gguf_path: Path, quantized) -> None:
     two = load_model(gguf_path, threads=2)
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)

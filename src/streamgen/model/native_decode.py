@@ -60,7 +60,7 @@ class NativeDecoder:
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
             _quant_context(model), int(spec.post_norms), int(spec.qk_norm_whole),
-            rotary_dim(spec.rope, spec.head_dim),
+            rotary_dim(spec.rope, spec.head_dim), 1,
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent

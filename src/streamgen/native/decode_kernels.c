@@ -213,6 +213,92 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+/* ----- quantized layer inputs, quantized as they are made ---------------------------- */
+
+/* A quantized layer's input is never written out in float: each 32-input block of the
+ * input norm's output (x_r * inv_r * w) or of SwiGLU's (silu(gate) * up) is made in a
+ * stack buffer, with the arithmetic of rms_norm / silu_mul, and quantized there by the
+ * context's quantizer. The values are those of quantizing the finished rows. */
+enum { FUSE_NORM, FUSE_SWIGLU };
+
+typedef struct {
+    int kind;
+    const sg_model *md;
+    const float *x;  /* [m, n] (norm) or the gate_up rows [m, 2n] (SwiGLU) */
+    const void *w;   /* the norm's weight */
+    int64_t m, n, rows_per_task;
+    sg_qact *a;
+    sg_quantize_fn quantize;
+} fused_input_job;
+
+static void fused_input_rows(void *ctx, int64_t task) {
+    const fused_input_job *job = (const fused_input_job *)ctx;
+    const int64_t n = job->n, blocks = n / SG_QBLOCK, r0 = task * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    sg_qact *a = job->a;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = job->kind == FUSE_NORM ? job->x + r * n : job->x + r * 2 * n;
+        const float inv = job->kind == FUSE_NORM
+                              ? 1.0f / sqrtf(dot_f32(xr, xr, n) / (float)n + job->md->eps)
+                              : 0.0f;
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            float v[SG_QBLOCK];
+            const int64_t i0 = blk * SG_QBLOCK;
+            if (job->kind == FUSE_NORM)
+                for (int k = 0; k < SG_QBLOCK; k++) v[k] = xr[i0 + k] * inv * load_elem(job->w, job->md->dtype, i0 + k);
+            else
+                silu_mul(xr + i0, xr + n + i0, v, SG_QBLOCK);
+            sg_qact block = {a->q + r * n + i0, a->d + r * blocks + blk, a->s16 + r * (n / 16) + 2 * blk,
+                             a->ds + r * blocks + blk, 1, SG_QBLOCK, 0};
+            job->quantize(v, 1, SG_QBLOCK, &block);
+        }
+    }
+}
+
+/* a = the quantized input of m rows of n: rows split over the pool for big steps. */
+static void fused_input(int kind, const sg_model *md, const float *x, const void *w, int64_t m,
+                        int64_t n, sg_qact *a) {
+    sg_pool *pool = md->qctx->pool;
+    const int64_t tasks = pool && m >= 16 ? sg_pool_threads(pool) * 2 : 1;
+    fused_input_job job = {kind, md, x, w, m, n, (m + tasks - 1) / tasks, a, sg_qctx_quantizer(md->qctx)};
+    const int64_t count = (m + job.rows_per_task - 1) / job.rows_per_task;
+    if (count > 1) sg_pool_run(pool, fused_input_rows, &job, count);
+    else fused_input_rows(&job, 0);
+    a->m = m, a->in = n, a->pairs = 0;
+}
+
+/* Whether lin takes its n inputs quantized as they are made, into a: a quantized layer
+ * with one int8 rounding (two, residual, quantize the finished rows). */
+static int fuses_input(const sg_linear *lin, const sg_qact *a, int64_t n) {
+    if (lin->dtype != SG_QUANT || a->q == NULL) return 0;
+    const sg_qparts *p = (const sg_qparts *)lin->weight;
+    return !p->residual && p->count > 0 && p->parts[0].in_features == n;
+}
+
+/* y = lin(rms_norm(x) * w): fused for quantized layers (a: their activation buffer), else
+ * through normed [m, n]. */
+static int norm_linear(const sg_model *md, const sg_linear *lin, const float *x, const void *w,
+                       int64_t m, float *normed, sg_qact *a, float *y) {
+    if (fuses_input(lin, a, md->hidden) && md->dtype == SG_F32) {
+        fused_input(FUSE_NORM, md, x, w, m, md->hidden, a);
+        return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
+    }
+    rms_norm(x, w, md->dtype, normed, m, md->hidden, md->eps);
+    return linear_forward(lin, normed, y, m);
+}
+
+/* y = lin(silu(gate) * up), gu [m, 2 I]: fused likewise, else through act [m, I]. */
+static int swiglu_linear(const sg_model *md, const sg_linear *lin, const float *gu, int64_t m,
+                         float *act, sg_qact *a, float *y) {
+    const int64_t I = md->intermediate;
+    if (fuses_input(lin, a, I)) {
+        fused_input(FUSE_SWIGLU, md, gu, NULL, m, I, a);
+        return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
+    }
+    for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
+    return linear_forward(lin, act, y, m);
+}
+
 /* ----- attention (the rest is in attention.c) ------------------------------------- */
 
 /* Normalize q and k per head (where the layer has q/k norms), rotate them, write k and v
@@ -290,38 +376,40 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
                                    + m * I          /* activation */
                                    + m * Hd);       /* projection out */
     float *arena = (float *)malloc(floats * sizeof(float));
-    if (arena == NULL) return SG_ENOMEM;
+    /* the quantized layers' activations, reused by every layer (none for dense models) */
+    sg_qact aq = {0};
+    const int quantized = md->qctx != NULL && md->fuse_inputs && Hd % SG_QBLOCK == 0 && I % SG_QBLOCK == 0;
+    if (arena == NULL || (quantized && sg_qact_alloc(&aq, m, Hd > I ? Hd : I) != SG_OK)) {
+        free(arena);
+        sg_qact_free(&aq);
+        return SG_ENOMEM;
+    }
     float *normed = arena, *qkv = normed + m * Hd, *attn = qkv + m * row, *gu = attn + m * md->q_size;
     float *act = gu + m * 2 * I, *proj = act + m * I;
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         int lrc = SG_OK;
-        const float *attn_in = x, *mlp_in = x; /* post norms: the branches take x as is */
-        if (!md->post_norms) {
-            rms_norm(x, ly->input_norm, md->dtype, normed, m, Hd, md->eps);
-            attn_in = normed;
-        }
-        lrc |= linear_forward(&ly->qkv, attn_in, qkv, m);
+        /* post norms (OLMo 2): the branches take x as is, their outputs are normed */
+        if (md->post_norms) lrc |= linear_forward(&ly->qkv, x, qkv, m);
+        else lrc |= norm_linear(md, &ly->qkv, x, ly->input_norm, m, normed, &aq, qkv);
         lrc |= attention(md, ly, &st, qkv, m, attn);
         lrc |= linear_forward(&ly->o, attn, proj, m);
         if (md->post_norms) rms_norm(proj, ly->input_norm, md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
-        if (!md->post_norms) {
-            rms_norm(x, ly->post_norm, md->dtype, normed, m, Hd, md->eps);
-            mlp_in = normed;
-        }
-        lrc |= linear_forward(&ly->gate_up, mlp_in, gu, m);
-        for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
-        lrc |= linear_forward(&ly->down, act, proj, m);
+        if (md->post_norms) lrc |= linear_forward(&ly->gate_up, x, gu, m);
+        else lrc |= norm_linear(md, &ly->gate_up, x, ly->post_norm, m, normed, &aq, gu);
+        lrc |= swiglu_linear(md, &ly->down, gu, m, act, &aq, proj);
         if (md->post_norms) rms_norm(proj, ly->post_norm, md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         if (lrc != SG_OK) {
             free(arena);
+            sg_qact_free(&aq);
             return SG_EINVAL;
         }
     }
     rms_norm(x, final_norm, md->dtype, out, m, Hd, md->eps);
     free(arena);
+    sg_qact_free(&aq);
     return SG_OK;
 }
 

@@ -48,6 +48,9 @@ typedef struct {
     int32_t post_norms;    /* 1: a layer's norms on its branches' outputs (OLMo 2) */
     int32_t qk_norm_whole; /* 1: q / k norms over the whole projection (OLMo 2), 0: per head */
     int64_t rotary_dim;    /* the rotated dims of each head (< head_dim: partial rotary) */
+    int32_t fuse_inputs;   /* 1: quantized layers' inputs quantized as they are made (the
+                            * same values as quantizing the finished rows, 0; tests compare) */
+    int32_t _pad;
 } sg_model;
 
 /* The rows of one step (see sg_forward_layers for the arguments). */

@@ -69,6 +69,10 @@ class NativeModel(ctypes.Structure):
         ("post_norms", ctypes.c_int32),  # 1: norms on the branches' outputs (OLMo 2)
         ("qk_norm_whole", ctypes.c_int32),  # 1: q / k norms over the whole projection
         ("rotary_dim", ctypes.c_int64),  # rotated dims per head (< head_dim: partial rotary)
+        # 1: quantized layers' inputs quantized as the norm / SwiGLU make them (fused); 0:
+        # quantize the finished rows (the same values, for tests)
+        ("fuse_inputs", ctypes.c_int32),
+        ("_pad", ctypes.c_int32),
     ]
 
 

@@ -206,23 +206,52 @@ static int quantize_pairs(const float *x, int64_t m, int64_t in, sg_qact *a, flo
     return SG_QOK;
 }
 
-/* y [m, sum of the parts' out] (row stride ldy) = x @ [W_0; W_1; ...]^T: x quantized once
- * for every part (q/k/v, gate/up), twice with p->residual. A part with padded rows goes
- * through a scratch. */
-int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
-    if (!p || !p->parts || p->count < 1 || !x || !y || m < 0) return SG_QEINVAL;
+/* Whether p is a well-formed layer of in inputs per row (0: not). */
+static int64_t parts_inputs(const sg_qparts *p) {
+    if (!p || !p->parts || p->count < 1) return 0;
     const int64_t in = p->parts[0].in_features;
     int64_t before_last = 0;
     for (int64_t i = 0; i < p->count; i++) {
-        if (!check_weight(&p->parts[i]) || p->parts[i].in_features != in) return SG_QEINVAL;
+        if (!check_weight(&p->parts[i]) || p->parts[i].in_features != in) return 0;
         if (i + 1 < p->count) before_last += p->parts[i].out_features;
     }
     const int64_t last = p->parts[p->count - 1].out_features;
-    if (p->out_features <= before_last || p->out_features > before_last + last || ldy < p->out_features)
-        return SG_QEINVAL;
+    return p->out_features <= before_last || p->out_features > before_last + last ? 0 : in;
+}
+
+/* y [rows, sum of the parts' out] (row stride ldy) = a @ [W_0; W_1; ...]^T over activations
+ * already quantized (rows = a->m, or a->m / 2 pairs). A part with padded rows goes
+ * through a scratch. */
+int sg_qgemm_parts(const sg_qparts *p, const sg_qact *a, float *y, int64_t ldy) {
+    const int64_t in = parts_inputs(p);
+    if (!in || !a || !y || a->in != in || ldy < p->out_features) return SG_QEINVAL;
+    const int64_t m = a->pairs ? a->m / 2 : a->m;
+    int rc = SG_QOK;
+    int64_t col = 0;
+    for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
+        const sg_qweight *w = &p->parts[i];
+        const int64_t width = i + 1 < p->count ? w->out_features : p->out_features - col;
+        if (width == w->out_features) {
+            rc = qgemm_strided(p->ctx, w, a, y + col, ldy);
+        } else { /* the last part's padded rows do not fit in y */
+            float *tmp = (float *)malloc(sizeof(float) * (size_t)(m * w->out_features) + 1);
+            rc = tmp ? qgemm_strided(p->ctx, w, a, tmp, w->out_features) : SG_QENOMEM;
+            for (int64_t r = 0; rc == SG_QOK && r < m; r++)
+                memcpy(y + r * ldy + col, tmp + r * w->out_features, sizeof(float) * (size_t)width);
+            free(tmp);
+        }
+        col += width;
+    }
+    return rc;
+}
+
+/* y [m, sum of the parts' out] (row stride ldy) = x @ [W_0; W_1; ...]^T: x quantized once
+ * for every part (q/k/v, gate/up), twice with p->residual. */
+int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy) {
+    const int64_t in = parts_inputs(p);
+    if (!in || !x || !y || m < 0) return SG_QEINVAL;
     sg_qact a;
-    const int64_t rows = p->residual ? 2 * m : m;
-    int rc = sg_qact_alloc(&a, rows, in);
+    int rc = sg_qact_alloc(&a, p->residual ? 2 * m : m, in);
     if (rc == SG_QOK && p->residual) {
         float *scratch = (float *)malloc(sizeof(float) * (size_t)in);
         rc = scratch ? quantize_pairs(x, m, in, &a, scratch) : SG_QENOMEM;
@@ -230,23 +259,13 @@ int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, in
     } else if (rc == SG_QOK) {
         rc = sg_quantize_act_ctx(p->ctx, x, m, in, &a);
     }
-    int64_t col = 0;
-    for (int64_t i = 0; rc == SG_QOK && i < p->count; i++) {
-        const sg_qweight *w = &p->parts[i];
-        const int64_t width = i + 1 < p->count ? w->out_features : p->out_features - col;
-        if (width == w->out_features) {
-            rc = qgemm_strided(p->ctx, w, &a, y + col, ldy);
-        } else { /* the last part's padded rows do not fit in y */
-            float *tmp = (float *)malloc(sizeof(float) * (size_t)(m * w->out_features) + 1);
-            rc = tmp ? qgemm_strided(p->ctx, w, &a, tmp, w->out_features) : SG_QENOMEM;
-            for (int64_t r = 0; rc == SG_QOK && r < m; r++)
-                memcpy(y + r * ldy + col, tmp + r * w->out_features, sizeof(float) * (size_t)width);
-            free(tmp);
-        }
-        col += width;
-    }
+    if (rc == SG_QOK) rc = sg_qgemm_parts(p, &a, y, ldy);
     sg_qact_free(&a);
     return rc;
+}
+
+sg_quantize_fn sg_qctx_quantizer(const sg_qctx *ctx) {
+    return ctx && ctx->isa >= 0 && ctx->isa < SG_ISAS ? ISAS[ctx->isa].quantize : quantize_rows_scalar;
 }
 
 /* ----- dequantization ---------------------------------------------------------------- */

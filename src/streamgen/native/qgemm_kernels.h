@@ -46,7 +46,6 @@ extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
      IMPL##_Q8_0, IMPL##_Q4_K, IMPL##_Q5_K, IMPL##_Q6_K}
 
 /* Activation quantization of rows (the values of sg_quantize_act, vectorized). */
-typedef void (*sg_quantize_fn)(const float *x, int64_t m, int64_t in, sg_qact *a);
 void sg_quantize_rows_avx2(const float *x, int64_t m, int64_t in, sg_qact *a);
 void sg_quantize_rows_avxvnni(const float *x, int64_t m, int64_t in, sg_qact *a);
 

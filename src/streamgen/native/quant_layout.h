@@ -132,4 +132,16 @@ typedef struct {
 
 int sg_qlinear_parts(const sg_qparts *p, const float *x, int64_t m, float *y, int64_t ldy);
 
+/* The same layer over activations already quantized (a->m rows, or a->m / 2 pairs): for
+ * steps that quantize a layer's input as they produce it (decode_kernels.c). */
+int sg_qgemm_parts(const sg_qparts *p, const sg_qact *a, float *y, int64_t ldy);
+
+/* Activation buffers of m rows of in inputs (SG_QOK or SG_QENOMEM), and their release. */
+int sg_qact_alloc(sg_qact *a, int64_t m, int64_t in);
+void sg_qact_free(sg_qact *a);
+
+/* A row quantizer (x [m, in] f32 -> a, sg_quantize_act's values): the context's ISA's. */
+typedef void (*sg_quantize_fn)(const float *x, int64_t m, int64_t in, sg_qact *a);
+sg_quantize_fn sg_qctx_quantizer(const sg_qctx *ctx);
+
 #endif
