@@ -77,9 +77,11 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
      * changes no bit (they would add exact zeros), and halves a prefill's attention. */
     const int64_t last_key = prefix + i0 + q_len;
     const int64_t nv = st->tree_mask == NULL && last_key < n ? last_key : n;
-    /* Only the chunk's own keys (from prefix on) and, with a window, the keys below
-     * win_end (out of the last row's window) can be invisible to a row: the blocks
-     * in between skip the mask. */
+    /* Keys a row may not see: with a tree mask, the chunk's own keys (from prefix on);
+     * causal, the keys past the tile's first row (position prefix + i0); with a window,
+     * the keys below win_end (out of the last row's window). Blocks with none of them
+     * skip the mask. */
+    const int64_t hidden_from = st->tree_mask != NULL ? prefix : prefix + i0 + 1;
     const int64_t win_end = md->window > 0 ? last_key - md->window : 0;
 #define QUERY(j) (a->q + (first + (j) / group) * a->q_stride + (kvh * group + (j) % group) * D)
 #define OUTPUT(j) (a->out + (first + (j) / group) * a->out_stride + (kvh * group + (j) % group) * D)
@@ -95,7 +97,7 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
             for (int64_t j = 0; j < nj; j++) qs[j] = QUERY(j0 + j);
             tile_dots(qs, nj, kb, stride, count, D, md->scale, scores + j0 * n + key, n);
         }
-        const int masked = key + count > prefix || key < win_end;
+        const int masked = key + count > hidden_from || key < win_end;
         for (int64_t i = 0; masked && i < q_len; i++)
             for (int64_t k = 0; k < count; k++)
                 if (!visible(md, st, first + i, i0 + i, prefix, key + k))
