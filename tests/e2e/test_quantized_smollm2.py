@@ -156,7 +156,7 @@ def test_alone_equals_in_a_batch_of_8_and_under_preemption(quantized) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_layer_inputs_equal_the_finished_rows_quantized(gguf_path: Path, threads: int) -> None:
+def test_fused_layer_inputs_equal_quantized_finished_rows(gguf_path: Path, threads: int) -> None:
     """The native step quantizes each layer's input as the norm / SwiGLU make it
     (fuse_inputs): bit for bit the hidden states of quantizing the finished float rows,
     at decode sizes and at a prefill whose rows are split over the pool (>= 16)."""

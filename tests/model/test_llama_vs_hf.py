@@ -96,6 +96,21 @@ def test_logits_match_hf_prefill_and_decode(tmp_path: Path, name: str) -> None:
     assert max(diffs) < TOLERANCE, diffs
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decodes_run_in_the_fused_native_step(tmp_path: Path, name: str) -> None:
+    """Every family's small steps go to the one-call native step (so the decodes compared
+    with HF above are that path's), except Gemma 2's soft-capped attention scores, which
+    the torch reference computes."""
+    from streamgen.native import native_kernels
+
+    if native_kernels() is None:
+        pytest.skip("no native kernels")
+    model_type, overrides = CONFIGS[name]
+    make_hf_checkpoint(tmp_path, tiny_hf_config(model_type, **overrides))
+    loaded = load_model(tmp_path, dtype="float32", load_tokenizer=False)
+    assert (loaded.model.native_decoder is None) == (model_type == "gemma2")
+
+
 def test_mixed_batch_matches_single_sequence_runs(tmp_path: Path) -> None:
     """Prefill chunks and decodes of different sequences in one step give the
     same logits as each sequence alone (scattered physical blocks)."""

@@ -143,11 +143,6 @@ class ModelSpec:
         under their HF module names (``NORM_ROLES``)."""
         return NORM_ROLES[self.norm_placement]
 
-    @property
-    def post_norms(self) -> bool:
-        """Norms on the branches' outputs only (OLMo 2)."""
-        return self.norm_placement == "post"
-
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_layers) and self.sliding_layers[layer]
 

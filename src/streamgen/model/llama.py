@@ -148,10 +148,10 @@ class DecoderLayer(nn.Module):
         name = self.norm_roles.get(role)
         return None if name is None else getattr(self, name)
 
-    def norms(self) -> tuple[RMSNorm, RMSNorm]:
-        """(attention side, MLP side): the native step's two norms (no "both" layout)."""
-        attn_norm, mlp_norm = (getattr(self, name) for name in self.norm_roles.values())
-        return attn_norm, mlp_norm
+    @property
+    def role_norms(self) -> tuple[RMSNorm | None, ...]:
+        """The norms of (attn_in, attn_out, mlp_in, mlp_out), None where there is none."""
+        return self._role_norms
 
     def forward(
         self,

@@ -14,6 +14,12 @@ memory speed. The attention backend is bypassed: the kernel writes K/V into
 the paged cache and attends over it like the torch reference, with the
 step's tree mask where it has one (a sliding window does not combine with a
 tree mask: such steps go to torch).
+
+What differs between families reaches the kernel as data, not branches: a layer's
+norms by role (inputs: Llama; outputs: OLMo 2; both: Gemma 3), its window and which
+rope tables it takes (Gemma 3's sliding layers have their own base), the gate's
+activation (SwiGLU, GeGLU), the residual scale (Granite) and q / k norms (Qwen3, OLMo
+2). Gemma 2's soft-capped attention scores are the one layout left to the torch path.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch
 
 from streamgen.attention.backend import AttentionMetadata
 from streamgen.model.linear import Linear as LinearLayer
-from streamgen.model.rope import rotary_dim
+from streamgen.model.rope import rope_angles, rotary_dim
 from streamgen.native.kernels import (
+    ACTIVATION_CODES,
     MAX_NATIVE_ROWS,
     NativeKernels,
     NativeLayer,
@@ -59,7 +66,7 @@ class NativeDecoder:
             spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
-            _quant_context(model), int(spec.post_norms), int(spec.qk_norm_whole),
+            _quant_context(model), ACTIVATION_CODES[spec.hidden_act], int(spec.qk_norm_whole),
             rotary_dim(spec.rope, spec.head_dim), 1,
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
@@ -79,10 +86,8 @@ class NativeDecoder:
         if any(isinstance(m, LinearLayer) and m.splits is not None for m in model.modules()):
             return None
         spec = model.spec
-        if spec.norm_placement == "both" or spec.hidden_act != "silu" or spec.sliding_layers:
-            return None  # Gemma 3's layout: the torch path (its kernels still native)
-        if spec.final_logit_softcap is not None:
-            return None
+        if spec.hidden_act not in ACTIVATION_CODES or spec.attn_logit_softcap is not None:
+            return None  # soft-capped attention scores (Gemma 2): the torch reference
         return cls(model, kernels)
 
     def accepts(
@@ -94,10 +99,11 @@ class NativeDecoder:
         """Whether this step is small (at most ``MAX_NATIVE_ROWS`` new tokens; any size for
         a quantized model) and its caches are contiguous, of the model's dtype."""
         k_cache = kv_caches[0][0]
+        windowed = metadata.sliding_window is not None or self.model.spec.local_window is not None
         return (
             num_tokens > 0
             and (self.max_rows is None or num_tokens <= self.max_rows)
-            and (metadata.tree_mask is None or metadata.sliding_window is None)
+            and (metadata.tree_mask is None or not windowed)
             and k_cache.dtype == self.dtype
             and k_cache.device.type == "cpu"
             and k_cache.is_contiguous()
@@ -115,6 +121,12 @@ class NativeDecoder:
         model = self.model
         x = model.embed(input_ids).float()  # [m, hidden]
         cos, sin = model.rope_angles(positions)  # [m, rotary_dim / 2] each
+        local = None  # Gemma 3's sliding layers: their own rope base
+        if model.local_inv_freq is not None and model.spec.local_rope is not None:
+            local_cos, local_sin = rope_angles(
+                model.spec.local_rope, model.local_inv_freq, None, positions
+            )
+            local = (local_cos.contiguous(), local_sin.contiguous())
         layers = self._layers(kv_caches)
         if num_layers > len(layers):
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")
@@ -122,7 +134,7 @@ class NativeDecoder:
         self.struct.block_size = kv_caches[0][0].shape[1]
         tree = metadata.tree_mask
         self.kernels.forward_layers(
-            self.struct, layers, num_layers, x, cos, sin,
+            self.struct, layers, num_layers, x, cos, sin, local,
             metadata.slot_mapping.contiguous(),
             metadata.query_start_loc.contiguous(),
             metadata.seq_lens.contiguous(),
@@ -143,20 +155,25 @@ class NativeDecoder:
         if self._layer_key == key and self._layer_array is not None:
             return self._layer_array
         array = (NativeLayer * count)()
+        spec = self.model.spec
         for i, (layer, (k_cache, v_cache)) in enumerate(
             zip(self.model.layers[:count], kv_caches[:count], strict=True)
         ):
             layer = cast("DecoderLayer", layer)
             attn, mlp = layer.self_attn, layer.mlp
-            attn_norm, mlp_norm = layer.norms()
+            norms = (ctypes.c_void_p * 4)(*(  # by role, NORM_ROLE_ORDER
+                None if norm is None else ptr(norm.weight) for norm in layer.role_norms
+            ))  # fmt: skip
+            sliding = spec.is_sliding(i)
+            window = spec.local_window if sliding else spec.sliding_window
             array[i] = NativeLayer(
                 _linear(attn.qkv_proj), _linear(attn.o_proj),
                 _linear(mlp.gate_up_proj), _linear(mlp.down_proj),
-                ptr(attn_norm.weight), ptr(mlp_norm.weight),
-                ptr(k_cache), ptr(v_cache),
+                norms, ptr(k_cache), ptr(v_cache),
                 None if attn.q_norm is None else ptr(attn.q_norm.weight),
                 None if attn.k_norm is None else ptr(attn.k_norm.weight),
-            )
+                window or 0, int(sliding and spec.local_rope is not None), 0,
+            )  # fmt: skip
         self._layer_key, self._layer_array = key, array
         return array
 

@@ -217,7 +217,7 @@ int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_ca
     const int rc = sg_check_step(md, m, num_seqs, query_start, seq_lens, tree_mask, tree_stride);
     if (rc != SG_OK) return rc;
     const sg_step st = {NULL, NULL, NULL, query_start, seq_lens, block_tables,
-                        num_seqs, bt_stride, tree_mask, tree_stride};
+                        num_seqs, bt_stride, tree_mask, tree_stride, NULL, NULL};
     const int64_t width = md->num_heads * md->head_dim;
     return sg_attend(md, k_cache, v_cache, &st, q, width, out, width);
 }

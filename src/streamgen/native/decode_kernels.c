@@ -213,11 +213,39 @@ static void silu_mul(const float *gate, const float *up, float *out, int64_t n) 
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+/* out = gelu_tanh(gate) * up, gelu_tanh(g) = g / 2 * (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
+ * (torch's approximate="tanh"), tanh(t) = 1 - 2 / (exp(2 t) + 1). */
+static void gelu_tanh_mul(const float *gate, const float *up, float *out, int64_t n) {
+    const float c = 0.7978845608028654f, k = 0.044715f;
+    int64_t i = 0;
+#if SG_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 t = _mm256_mul_ps(_mm256_set1_ps(c),
+                                       _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(k), g), _mm256_mul_ps(g, g), g));
+        const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_add_ps(t, t)), one)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, th)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float g = gate[i], t = c * (g + k * g * g * g);
+        out[i] = 0.5f * g * (1.0f + tanhf(t)) * up[i];
+    }
+}
+
+/* out = act(gate) * up with the model's gate activation (SwiGLU or GeGLU). */
+static void gate_mul(const sg_model *md, const float *gate, const float *up, float *out, int64_t n) {
+    if (md->activation == SG_ACT_GELU_TANH) gelu_tanh_mul(gate, up, out, n);
+    else silu_mul(gate, up, out, n);
+}
+
 /* ----- quantized layer inputs, quantized as they are made ---------------------------- */
 
 /* A quantized layer's input is never written out in float: each 32-input block of the
- * input norm's output (x_r * inv_r * w) or of SwiGLU's (silu(gate) * up) is made in a
- * stack buffer, with the arithmetic of rms_norm / silu_mul, and quantized there by the
+ * input norm's output (x_r * inv_r * w) or of the gated MLP's (act(gate) * up) is made in a
+ * stack buffer, with the arithmetic of rms_norm / gate_mul, and quantized there by the
  * context's quantizer. The values are those of quantizing the finished rows. */
 enum { FUSE_NORM, FUSE_SWIGLU };
 
@@ -247,7 +275,7 @@ static void fused_input_rows(void *ctx, int64_t task) {
             if (job->kind == FUSE_NORM)
                 for (int k = 0; k < SG_QBLOCK; k++) v[k] = xr[i0 + k] * inv * load_elem(job->w, job->md->dtype, i0 + k);
             else
-                silu_mul(xr + i0, xr + n + i0, v, SG_QBLOCK);
+                gate_mul(job->md, xr + i0, xr + n + i0, v, SG_QBLOCK);
             sg_qact block = {a->q + r * n + i0, a->d + r * blocks + blk, a->s16 + r * (n / 16) + 2 * blk,
                              a->ds + r * blocks + blk, 1, SG_QBLOCK, 0};
             job->quantize(v, 1, SG_QBLOCK, &block);
@@ -287,15 +315,15 @@ static int norm_linear(const sg_model *md, const sg_linear *lin, const float *x,
     return linear_forward(lin, normed, y, m);
 }
 
-/* y = lin(silu(gate) * up), gu [m, 2 I]: fused likewise, else through act [m, I]. */
-static int swiglu_linear(const sg_model *md, const sg_linear *lin, const float *gu, int64_t m,
+/* y = lin(act(gate) * up), gu [m, 2 I]: fused likewise, else through act [m, I]. */
+static int gated_linear(const sg_model *md, const sg_linear *lin, const float *gu, int64_t m,
                          float *act, sg_qact *a, float *y) {
     const int64_t I = md->intermediate;
     if (fuses_input(lin, a, I)) {
         fused_input(FUSE_SWIGLU, md, gu, NULL, m, I, a);
         return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
     }
-    for (int64_t r = 0; r < m; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
+    for (int64_t r = 0; r < m; r++) gate_mul(md, gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
     return linear_forward(lin, act, y, m);
 }
 
@@ -304,14 +332,19 @@ static int swiglu_linear(const sg_model *md, const sg_linear *lin, const float *
 /* Normalize q and k per head (where the layer has q/k norms), rotate them, write k and v
  * into the cache slots, attend. qkv [m, q_size + 2 kv_size] is changed in place; out
  * [m, q_size]. */
-static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
+static int attention(const sg_model *model, const sg_layer *ly, const sg_step *st, float *qkv,
                      int64_t m, float *out) {
+    sg_model layer_model = *model; /* the layer's own window */
+    layer_model.window = ly->window;
+    const sg_model *md = &layer_model;
+    const float *cos_t = ly->local_rope ? st->local_cos : st->cos_t;
+    const float *sin_t = ly->local_rope ? st->local_sin : st->sin_t;
     const int64_t D = md->head_dim, half = md->rotary_dim / 2, H = md->num_heads;
     const int64_t KVH = md->num_kv_heads;
     const int64_t row = md->q_size + 2 * md->kv_size;
     for (int64_t r = 0; r < m; r++) {
         float *q = qkv + r * row, *k = q + md->q_size, *v = k + md->kv_size;
-        const float *cb = st->cos_t + r * half, *sb = st->sin_t + r * half;
+        const float *cb = cos_t + r * half, *sb = sin_t + r * half;
         /* in place: per head (Qwen3) or over the whole projection (OLMo 2) */
         const int64_t qn = md->qk_norm_whole ? 1 : H, kn = md->qk_norm_whole ? 1 : KVH;
         if (ly->q_norm) rms_norm(q, ly->q_norm, md->dtype, q, qn, H * D / qn, md->eps);
@@ -345,7 +378,9 @@ int sg_rms_norm(const float *x, const void *w, int32_t dtype, float *out, int64_
 /* The decoder layers over the m rows of a small step: decodes, prefill chunks and
  * draft trees of several sequences, rows in sequence order.
  *   x [m, hidden] float32      the embeddings in, the residual stream out
- *   cos_t, sin_t [m, head_dim / 2] float32, the rope angles of each row's position
+ *   cos_t, sin_t [m, rotary_dim / 2] float32, the rope angles of each row's position
+ *   local_cos, local_sin: the same for the layers with local_rope (Gemma 3's sliding
+ *       layers: their own rope base), or NULL where no layer has it
  *   slots [m] int64            the cache slot each row's K/V goes to
  *   query_start [num_seqs + 1] int64, seq_lens [num_seqs] int64 (context after the step),
  *   block_tables [num_seqs, bt_stride] int64
@@ -355,7 +390,8 @@ int sg_rms_norm(const float *x, const void *w, int32_t dtype, float *out, int64_
  * All weights in [out, in] layout (splits == 0).
  */
 int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_layers, float *x,
-                      int64_t m, const float *cos_t, const float *sin_t, const int64_t *slots,
+                      int64_t m, const float *cos_t, const float *sin_t, const float *local_cos,
+                      const float *local_sin, const int64_t *slots,
                       int64_t num_seqs, const int64_t *query_start, const int64_t *seq_lens,
                       const int64_t *block_tables, int64_t bt_stride, const uint8_t *tree_mask,
                       int64_t tree_stride, const void *final_norm, float *out) {
@@ -366,8 +402,12 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
         for (int k = 0; k < 4; k++)
             if (lins[k]->splits != 0) return SG_EINVAL;
     }
+    for (int64_t l = 0; l < num_layers; l++) /* a tree mask does not combine with a window */
+        if ((layers[l].local_rope && (local_cos == NULL || local_sin == NULL)) ||
+            (tree_mask != NULL && layers[l].window > 0))
+            return SG_EINVAL;
     const sg_step st = {cos_t, sin_t, slots, query_start, seq_lens, block_tables,
-                        num_seqs, bt_stride, tree_mask, tree_stride};
+                        num_seqs, bt_stride, tree_mask, tree_stride, local_cos, local_sin};
     const int64_t Hd = md->hidden, I = md->intermediate, row = md->q_size + 2 * md->kv_size;
     const size_t floats = (size_t)(m * Hd           /* normed */
                                    + m * row        /* qkv */
@@ -389,17 +429,17 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     for (int64_t l = 0; l < num_layers; l++) {
         const sg_layer *ly = layers + l;
         int lrc = SG_OK;
-        /* post norms (OLMo 2): the branches take x as is, their outputs are normed */
-        if (md->post_norms) lrc |= linear_forward(&ly->qkv, x, qkv, m);
-        else lrc |= norm_linear(md, &ly->qkv, x, ly->input_norm, m, normed, &aq, qkv);
+        const void *const *norms = ly->norms; /* by role; NULL: none there */
+        if (norms[SG_ATTN_IN]) lrc |= norm_linear(md, &ly->qkv, x, norms[SG_ATTN_IN], m, normed, &aq, qkv);
+        else lrc |= linear_forward(&ly->qkv, x, qkv, m);
         lrc |= attention(md, ly, &st, qkv, m, attn);
         lrc |= linear_forward(&ly->o, attn, proj, m);
-        if (md->post_norms) rms_norm(proj, ly->input_norm, md->dtype, proj, m, Hd, md->eps);
+        if (norms[SG_ATTN_OUT]) rms_norm(proj, norms[SG_ATTN_OUT], md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
-        if (md->post_norms) lrc |= linear_forward(&ly->gate_up, x, gu, m);
-        else lrc |= norm_linear(md, &ly->gate_up, x, ly->post_norm, m, normed, &aq, gu);
-        lrc |= swiglu_linear(md, &ly->down, gu, m, act, &aq, proj);
-        if (md->post_norms) rms_norm(proj, ly->post_norm, md->dtype, proj, m, Hd, md->eps);
+        if (norms[SG_MLP_IN]) lrc |= norm_linear(md, &ly->gate_up, x, norms[SG_MLP_IN], m, normed, &aq, gu);
+        else lrc |= linear_forward(&ly->gate_up, x, gu, m);
+        lrc |= gated_linear(md, &ly->down, gu, m, act, &aq, proj);
+        if (norms[SG_MLP_OUT]) rms_norm(proj, norms[SG_MLP_OUT], md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         if (lrc != SG_OK) {
             free(arena);

@@ -27,25 +27,33 @@ typedef struct {
     int64_t in_features;
 } sg_linear;
 
+/* A layer's norms by role (NULL: the layer has none there): on the attention branch's
+ * input and output, on the MLP branch's input and output. Llama has the inputs', OLMo 2
+ * the outputs', Gemma 3 all four. */
+enum { SG_ATTN_IN, SG_ATTN_OUT, SG_MLP_IN, SG_MLP_OUT, SG_NORM_ROLES };
+enum { SG_ACT_SILU = 0, SG_ACT_GELU_TANH = 1 }; /* the gate's activation: SwiGLU, GeGLU */
+
 typedef struct {
     sg_linear qkv, o, gate_up, down;
-    const void *input_norm; /* the attention-side norm (see sg_model.post_norms) */
-    const void *post_norm;  /* the MLP-side norm */
+    const void *norms[SG_NORM_ROLES];
     void *k_cache;
     void *v_cache;
     const void *q_norm; /* NULL: none; Qwen3: RMSNorm of each q head before rope */
     const void *k_norm; /* NULL: none; each k head likewise */
+    int64_t window;     /* this layer's sliding window (0: none) */
+    int32_t local_rope; /* 1: the step's local rope tables (Gemma 3's sliding layers) */
+    int32_t _pad;
 } sg_layer;
 
 typedef struct {
     int64_t hidden, q_size, kv_size, intermediate;
     int64_t num_heads, num_kv_heads, head_dim, block_size;
-    int64_t window; /* 0: none */
+    int64_t window; /* 0: none (sg_paged_attention's; a step's layers carry their own) */
     float eps, scale;
     int32_t dtype; /* norm weights and KV cache */
     float residual_scale; /* x += residual_scale * branch (Granite; 1 elsewhere) */
     const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
-    int32_t post_norms;    /* 1: a layer's norms on its branches' outputs (OLMo 2) */
+    int32_t activation;    /* SG_ACT_SILU or SG_ACT_GELU_TANH */
     int32_t qk_norm_whole; /* 1: q / k norms over the whole projection (OLMo 2), 0: per head */
     int64_t rotary_dim;    /* the rotated dims of each head (< head_dim: partial rotary) */
     int32_t fuse_inputs;   /* 1: quantized layers' inputs quantized as they are made (the
@@ -54,13 +62,13 @@ typedef struct {
 } sg_model;
 
 /* The rows of one step (see sg_forward_layers for the arguments). */
-/* The rows of one step (see sg_forward_layers for the arguments). */
 typedef struct {
     const float *cos_t, *sin_t;
     const int64_t *slots, *query_start, *seq_lens, *block_tables;
     int64_t num_seqs, bt_stride;
     const uint8_t *tree_mask; /* [m, tree_stride] or NULL (causal) */
     int64_t tree_stride;
+    const float *local_cos, *local_sin; /* the local layers' rope tables, or NULL */
 } sg_step;
 
 #define SG_INTERNAL __attribute__((visibility("hidden")))

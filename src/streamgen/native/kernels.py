@@ -41,12 +41,15 @@ class NativeLayer(ctypes.Structure):
         ("o", NativeLinear),
         ("gate_up", NativeLinear),
         ("down", NativeLinear),
-        ("input_norm", ctypes.c_void_p),
-        ("post_norm", ctypes.c_void_p),
+        # by role: attention input, attention output, MLP input, MLP output (None: none)
+        ("norms", ctypes.c_void_p * 4),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
         ("q_norm", ctypes.c_void_p),  # None: no per-head q norm (Qwen3 has one)
         ("k_norm", ctypes.c_void_p),
+        ("window", ctypes.c_int64),  # this layer's sliding window (0: none)
+        ("local_rope", ctypes.c_int32),  # 1: the step's local rope tables (Gemma 3)
+        ("_pad", ctypes.c_int32),
     ]
 
 
@@ -66,7 +69,7 @@ class NativeModel(ctypes.Structure):
         ("dtype", ctypes.c_int32),
         ("residual_scale", ctypes.c_float),
         ("qctx", ctypes.c_void_p),  # a quantized model's sg_qctx (its worker pool), or None
-        ("post_norms", ctypes.c_int32),  # 1: norms on the branches' outputs (OLMo 2)
+        ("activation", ctypes.c_int32),  # the gate's: ACTIVATION_CODES
         ("qk_norm_whole", ctypes.c_int32),  # 1: q / k norms over the whole projection
         ("rotary_dim", ctypes.c_int64),  # rotated dims per head (< head_dim: partial rotary)
         # 1: quantized layers' inputs quantized as the norm / SwiGLU make them (fused); 0:
@@ -74,6 +77,10 @@ class NativeModel(ctypes.Structure):
         ("fuse_inputs", ctypes.c_int32),
         ("_pad", ctypes.c_int32),
     ]
+
+
+# The gated MLP's activation (ModelSpec.hidden_act) -> sg_model.activation.
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
 
 
 def dtype_code(dtype: torch.dtype) -> int | None:
@@ -115,7 +122,7 @@ class NativeKernels:
         self._forward_layers = library.sg_forward_layers
         self._forward_layers.argtypes = [
             ctypes.POINTER(NativeModel), ctypes.POINTER(NativeLayer), i64, vp, i64,
-            vp, vp, vp, i64, vp, vp, vp, i64, vp, i64, vp, vp,
+            vp, vp, vp, vp, vp, i64, vp, vp, vp, i64, vp, i64, vp, vp,
         ]
         self._paged_attention = library.sg_paged_attention
         self._paged_attention.argtypes = [
@@ -144,8 +151,9 @@ class NativeKernels:
         layers: ctypes.Array[NativeLayer],
         num_layers: int,
         x: torch.Tensor,  # [m, hidden] f32, updated in place (the residual stream)
-        cos: torch.Tensor,  # [m, head_dim / 2] f32
-        sin: torch.Tensor,  # [m, head_dim / 2] f32
+        cos: torch.Tensor,  # [m, rotary_dim / 2] f32
+        sin: torch.Tensor,  # [m, rotary_dim / 2] f32
+        local: tuple[torch.Tensor, torch.Tensor] | None,  # the local layers' cos, sin
         slots: torch.Tensor,  # [m] int64
         query_start: torch.Tensor,  # [num_seqs + 1] int64
         seq_lens: torch.Tensor,  # [num_seqs] int64
@@ -157,6 +165,7 @@ class NativeKernels:
         """``sg_forward_layers``: every layer and the final norm over a small step."""
         _check(self._forward_layers(
             ctypes.byref(model), layers, num_layers, ptr(x), x.shape[0], ptr(cos), ptr(sin),
+            None if local is None else ptr(local[0]), None if local is None else ptr(local[1]),
             ptr(slots), seq_lens.shape[0], ptr(query_start), ptr(seq_lens), ptr(block_tables),
             block_tables.shape[1], ptr(tree_mask), 0 if tree_mask is None else tree_mask.shape[1],
             ptr(final_norm), ptr(out),
