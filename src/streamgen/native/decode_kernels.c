@@ -247,12 +247,12 @@ static void gate_mul(const sg_model *md, const float *gate, const float *up, flo
  * input norm's output (x_r * inv_r * w) or of the gated MLP's (act(gate) * up) is made in a
  * stack buffer, with the arithmetic of rms_norm / gate_mul, and quantized there by the
  * context's quantizer. The values are those of quantizing the finished rows. */
-enum { FUSE_NORM, FUSE_SWIGLU };
+enum { FUSE_NORM, FUSE_GATED };
 
 typedef struct {
     int kind;
     const sg_model *md;
-    const float *x;  /* [m, n] (norm) or the gate_up rows [m, 2n] (SwiGLU) */
+    const float *x;  /* [m, n] (norm) or the gate_up rows [m, 2n] (gated MLP) */
     const void *w;   /* the norm's weight */
     int64_t m, n, rows_per_task;
     sg_qact *a;
@@ -320,7 +320,7 @@ static int gated_linear(const sg_model *md, const sg_linear *lin, const float *g
                          float *act, sg_qact *a, float *y) {
     const int64_t I = md->intermediate;
     if (fuses_input(lin, a, I)) {
-        fused_input(FUSE_SWIGLU, md, gu, NULL, m, I, a);
+        fused_input(FUSE_GATED, md, gu, NULL, m, I, a);
         return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
     }
     for (int64_t r = 0; r < m; r++) gate_mul(md, gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
