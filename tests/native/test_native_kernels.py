@@ -1,8 +1,8 @@
 """The native CPU kernels against torch: linear layouts, RMSNorm, and whole decode steps.
 
 Every test runs against both builds of the dense sources (``decode_kernels.c``,
-``attention.c``): the AVX2 + FMA one (where this CPU has them) and the scalar one other
-CPUs get.
+``dense_linear.c``, ``attention.c``): the AVX2 + FMA one (where this CPU has them) and the
+scalar one other CPUs get.
 """
 
 from __future__ import annotations

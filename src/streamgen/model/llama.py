@@ -233,10 +233,10 @@ class LlamaModel(nn.Module):
         """Sliding-window layers (Gemma 3): their rope tables and the step's metadata
         with their window; None for models without such layers."""
         spec = self.spec
-        if spec.local_rope is None or spec.local_window is None:
+        angles = self.local_rope_angles(positions)
+        if angles is None or spec.local_window is None:
             return None
-        assert self.local_inv_freq is not None
-        cos, sin = rope_angles(spec.local_rope, self.local_inv_freq, None, positions)
+        cos, sin = angles
         cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(self.dtype)
         sin = signed_sin(torch.cat((sin, sin), dim=-1)[:, None, :]).to(self.dtype)
         return cos, sin, dataclasses.replace(metadata, sliding_window=spec.local_window)
@@ -265,6 +265,15 @@ class LlamaModel(nn.Module):
         """cos, sin ``[num_tokens, rotary_dim // 2]`` float32 (model/rope.py)."""
         inv_freq: torch.Tensor = self.inv_freq
         return rope_angles(self.spec.rope, inv_freq, self.long_inv_freq, positions)
+
+    def local_rope_angles(
+        self, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sliding layers' cos, sin ``[num_tokens, rotary_dim // 2]`` float32 (Gemma 3:
+        their own rope base), None for models without them."""
+        if self.spec.local_rope is None or self.local_inv_freq is None:
+            return None
+        return rope_angles(self.spec.local_rope, self.local_inv_freq, None, positions)
 
     def init_rope(self, device: torch.device) -> None:
         """(Re)compute the rope frequencies on ``device`` (after a meta-device build)."""

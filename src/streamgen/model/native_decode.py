@@ -31,7 +31,7 @@ import torch
 
 from streamgen.attention.backend import AttentionMetadata
 from streamgen.model.linear import Linear as LinearLayer
-from streamgen.model.rope import rope_angles, rotary_dim
+from streamgen.model.rope import rotary_dim
 from streamgen.native.kernels import (
     ACTIVATION_CODES,
     MAX_NATIVE_ROWS,
@@ -121,12 +121,7 @@ class NativeDecoder:
         model = self.model
         x = model.embed(input_ids).float()  # [m, hidden]
         cos, sin = model.rope_angles(positions)  # [m, rotary_dim / 2] each
-        local = None  # Gemma 3's sliding layers: their own rope base
-        if model.local_inv_freq is not None and model.spec.local_rope is not None:
-            local_cos, local_sin = rope_angles(
-                model.spec.local_rope, model.local_inv_freq, None, positions
-            )
-            local = (local_cos.contiguous(), local_sin.contiguous())
+        local = model.local_rope_angles(positions)  # Gemma 3's sliding layers, or None
         layers = self._layers(kv_caches)
         if num_layers > len(layers):
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")

@@ -25,10 +25,10 @@
 #include "thread_pool.h"
 
 /* Whether row i of a chunk (prefix keys before it) sees the key at position k. */
-static inline int visible(const sg_model *md, const sg_step *st, int64_t row, int64_t i,
+static inline int visible(int64_t window, const sg_step *st, int64_t row, int64_t i,
                           int64_t prefix, int64_t k) {
     const int64_t pos = prefix + i;
-    if (md->window > 0 && k <= pos - md->window) return 0;
+    if (window > 0 && k <= pos - window) return 0;
     if (k < prefix) return 1;
     const int64_t j = k - prefix; /* a token of the chunk itself */
     return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
@@ -56,6 +56,7 @@ typedef struct {
     int64_t q_stride;
     float *out;
     int64_t out_stride;
+    int64_t window; /* the layer's sliding window (0: none) */
 } attend_args;
 
 /* Rows [i0, i0 + ATTEND_ROWS) of sequence b, the query heads of KV head kvh.
@@ -82,7 +83,7 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
      * the keys below win_end (out of the last row's window). Blocks with none of them
      * skip the mask. */
     const int64_t hidden_from = st->tree_mask != NULL ? prefix : prefix + i0 + 1;
-    const int64_t win_end = md->window > 0 ? last_key - md->window : 0;
+    const int64_t win_end = a->window > 0 ? last_key - a->window : 0;
 #define QUERY(j) (a->q + (first + (j) / group) * a->q_stride + (kvh * group + (j) % group) * D)
 #define OUTPUT(j) (a->out + (first + (j) / group) * a->out_stride + (kvh * group + (j) % group) * D)
     /* scores[j * n + key] */
@@ -100,7 +101,7 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
         const int masked = key + count > hidden_from || key < win_end;
         for (int64_t i = 0; masked && i < q_len; i++)
             for (int64_t k = 0; k < count; k++)
-                if (!visible(md, st, first + i, i0 + i, prefix, key + k))
+                if (!visible(a->window, st, first + i, i0 + i, prefix, key + k))
                     for (int64_t g = 0; g < group; g++) scores[(i * group + g) * n + key + k] = -INFINITY;
         key += count;
     }
@@ -149,9 +150,9 @@ static void attend_task(void *ctx, int64_t t) {
     atomic_store(&job->busy[slot], 0);
 }
 
-int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache, const sg_step *st,
-              const float *q, int64_t q_stride, float *out, int64_t out_stride) {
-    const attend_args args = {md, k_cache, v_cache, st, q, q_stride, out, out_stride};
+int sg_attend(const sg_model *md, int64_t window, const void *k_cache, const void *v_cache,
+              const sg_step *st, const float *q, int64_t q_stride, float *out, int64_t out_stride) {
+    const attend_args args = {md, k_cache, v_cache, st, q, q_stride, out, out_stride, window};
     const int64_t group = md->num_heads / md->num_kv_heads;
     int64_t num_tiles = 0, max_cells = 1;
     for (int64_t b = 0; b < st->num_seqs; b++) {
@@ -219,5 +220,5 @@ int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_ca
     const sg_step st = {NULL, NULL, NULL, query_start, seq_lens, block_tables,
                         num_seqs, bt_stride, tree_mask, tree_stride, NULL, NULL};
     const int64_t width = md->num_heads * md->head_dim;
-    return sg_attend(md, k_cache, v_cache, &st, q, width, out, width);
+    return sg_attend(md, md->window, k_cache, v_cache, &st, q, width, out, width);
 }

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
-DENSE_SOURCES = ("decode_kernels.c", "attention.c")
+DENSE_SOURCES = ("decode_kernels.c", "dense_linear.c", "attention.c")
 QUANT_SOURCES = (
     "qgemm.c",
     "qgemm_scalar.c",

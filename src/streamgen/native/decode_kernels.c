@@ -10,8 +10,9 @@
  * and the KV cache stay in the model's dtype (float32 or bfloat16), and the
  * bf16 -> f32 widening happens in registers.
  *
- * Attention lives in attention.c, the shared float32 helpers in simd_f32.h, the types
- * in dense_step.h; a quantized model's linear layers go to the quantized core (qgemm.c).
+ * Linear layers live in dense_linear.c (a quantized model's go on to the quantized core,
+ * qgemm.c), attention in attention.c, the shared float32 helpers in simd_f32.h, the types
+ * in dense_step.h.
  *
  * Semantics are those of streamgen/model/llama.py with the torch reference
  * attention backend (HF "rotate_half" rope, bottom-right causal attention,
@@ -28,152 +29,6 @@
 #include "dense_step.h"
 #include "simd_f32.h"
 #include "thread_pool.h"
-
-/* ----- linear layers ------------------------------------------------------------- */
-
-#if SG_AVX2
-static inline __m256 load8(const void *w, int32_t dtype, int64_t i) {
-    return dtype == SG_BF16 ? load8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
-}
-#endif
-
-/* y[r, o] = sum_i w[o, i] x[r, i] for weight rows [o0, o0 + 4) and input rows [r0, r0 + 2):
- * 4 x 2 accumulators, each weight vector loaded (and widened) once per pair of rows.
- * Inlined with a constant dtype, so the loop has no branch. */
-static inline __attribute__((always_inline)) void gemm_tile_4x2(
-    const void *w, int32_t dtype, const float *x, float *y, int64_t o0, int64_t r0, int nr,
-    int64_t in, int64_t out, int prefetch_next) {
-    const size_t elem = dtype == SG_BF16 ? 2 : 4;
-    const char *w0 = (const char *)w + (size_t)(o0 * in) * elem;
-    const char *w1 = w0 + (size_t)in * elem, *w2 = w1 + (size_t)in * elem, *w3 = w2 + (size_t)in * elem;
-    const float *x0 = x + r0 * in, *x1 = nr > 1 ? x0 + in : x0;
-    float s[4][2] = {{0}};
-    int64_t i = 0;
-#if SG_AVX2
-    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps();
-    __m256 a11 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
-    __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-    /* The first tile of a weight block streams it from memory: fetch the next block
-     * meanwhile, so the later tiles (from L1) overlap with that stream. */
-    const char *next = w3 + (size_t)in * elem;
-    for (; i + 8 <= in; i += 8) {
-        if (prefetch_next) {
-            const size_t off = (size_t)i * elem;
-            _mm_prefetch(next + off, _MM_HINT_T0);
-            _mm_prefetch(next + (size_t)in * elem + off, _MM_HINT_T0);
-            _mm_prefetch(next + 2 * (size_t)in * elem + off, _MM_HINT_T0);
-            _mm_prefetch(next + 3 * (size_t)in * elem + off, _MM_HINT_T0);
-        }
-        const __m256 v0 = load8(w0, dtype, i), v1 = load8(w1, dtype, i);
-        const __m256 v2 = load8(w2, dtype, i), v3 = load8(w3, dtype, i);
-        const __m256 xa = _mm256_loadu_ps(x0 + i);
-        a00 = _mm256_fmadd_ps(v0, xa, a00), a10 = _mm256_fmadd_ps(v1, xa, a10);
-        a20 = _mm256_fmadd_ps(v2, xa, a20), a30 = _mm256_fmadd_ps(v3, xa, a30);
-        if (nr > 1) { /* constant after inlining */
-            const __m256 xb = _mm256_loadu_ps(x1 + i);
-            a01 = _mm256_fmadd_ps(v0, xb, a01), a11 = _mm256_fmadd_ps(v1, xb, a11);
-            a21 = _mm256_fmadd_ps(v2, xb, a21), a31 = _mm256_fmadd_ps(v3, xb, a31);
-        }
-    }
-    s[0][0] = hsum256(a00), s[0][1] = hsum256(a01), s[1][0] = hsum256(a10), s[1][1] = hsum256(a11);
-    s[2][0] = hsum256(a20), s[2][1] = hsum256(a21), s[3][0] = hsum256(a30), s[3][1] = hsum256(a31);
-#endif
-    const void *rows[4] = {w0, w1, w2, w3};
-    for (; i < in; i++)
-        for (int k = 0; k < 4; k++) {
-            const float wv = load_elem(rows[k], dtype, i);
-            s[k][0] += wv * x0[i];
-            s[k][1] += wv * x1[i];
-        }
-    for (int k = 0; k < 4; k++) {
-        y[r0 * out + o0 + k] = s[k][0];
-        if (nr > 1) y[(r0 + 1) * out + o0 + k] = s[k][1];
-    }
-}
-
-/* y[r, o0 .. o0 + 8) for one input row: 8 weight rows streamed at once (memory-level
- * parallelism for the matrix-vector product of plain decoding). */
-static inline __attribute__((always_inline)) void gemv_tile_8(
-    const void *w, int32_t dtype, const float *x, float *y, int64_t o0, int64_t in) {
-    const size_t elem = dtype == SG_BF16 ? 2 : 4;
-    const char *rows[8];
-    for (int k = 0; k < 8; k++) rows[k] = (const char *)w + (size_t)((o0 + k) * in) * elem;
-    float s[8] = {0};
-    int64_t i = 0;
-#if SG_AVX2
-    __m256 acc[8];
-    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-    for (; i + 8 <= in; i += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + i);
-        for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(load8(rows[k], dtype, i), xv, acc[k]);
-    }
-    for (int k = 0; k < 8; k++) s[k] = hsum256(acc[k]);
-#endif
-    for (; i < in; i++)
-        for (int k = 0; k < 8; k++) s[k] += load_elem(rows[k], dtype, i) * x[i];
-    for (int k = 0; k < 8; k++) y[o0 + k] = s[k];
-}
-
-/* y[r, o] for one weight row o and input rows [r0, r1): the remainder tiles. */
-static inline __attribute__((always_inline)) void gemm_row(
-    const void *w, int32_t dtype, const float *x, float *y, int64_t o, int64_t r0, int64_t r1,
-    int64_t in, int64_t out) {
-    const size_t elem = dtype == SG_BF16 ? 2 : 4;
-    const char *wo = (const char *)w + (size_t)(o * in) * elem;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *xr = x + r * in;
-        float acc = 0.0f;
-        int64_t i = 0;
-#if SG_AVX2
-        __m256 a = _mm256_setzero_ps();
-        for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(load8(wo, dtype, i), _mm256_loadu_ps(xr + i), a);
-        acc = hsum256(a);
-#endif
-        for (; i < in; i++) acc += load_elem(wo, dtype, i) * xr[i];
-        y[r * out + o] = acc;
-    }
-}
-
-#define SG_GEMM_BODY(DTYPE)                                                                  \
-    do {                                                                                     \
-        if (m == 1) {                                                                        \
-            int64_t o = 0;                                                                   \
-            for (; o + 8 <= out; o += 8) gemv_tile_8(w, DTYPE, x, y, o, in);                 \
-            for (; o < out; o++) gemm_row(w, DTYPE, x, y, o, 0, 1, in, out);                 \
-            return;                                                                          \
-        }                                                                                    \
-        const int64_t pairs = m & ~(int64_t)1;                                               \
-        int64_t o = 0;                                                                       \
-        for (; o + 4 <= out; o += 4) {                                                       \
-            const int pf = o + 8 <= out;                                                     \
-            for (int64_t r = 0; r < pairs; r += 2)                                           \
-                gemm_tile_4x2(w, DTYPE, x, y, o, r, 2, in, out, pf && r == 0);               \
-            if (pairs < m) /* the odd last row */                                            \
-                gemm_tile_4x2(w, DTYPE, x, y, o, pairs, 1, in, out, pf && pairs == 0);       \
-        }                                                                                    \
-        for (; o < out; o++) gemm_row(w, DTYPE, x, y, o, 0, m, in, out);                     \
-    } while (0)
-
-/* y [m, out] = x [m, in] @ W^T, W [out, in]. */
-static void gemm_rows(const void *w, int32_t dtype, const float *x, float *y, int64_t m,
-                      int64_t out, int64_t in) {
-    if (dtype == SG_BF16)
-        SG_GEMM_BODY(SG_BF16);
-    else
-        SG_GEMM_BODY(SG_F32);
-}
-
-/* y [m, out] = x [m, in] @ W^T + b; quantized weights go to the quantized core (qgemm.c),
- * which quantizes x once for all the parts of a fused layer. */
-static int linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
-    const int64_t out = lin->out_features;
-    if (lin->dtype == SG_QUANT) return sg_qlinear_parts((const sg_qparts *)lin->weight, x, m, y, out);
-    gemm_rows(lin->weight, lin->dtype, x, y, m, out, lin->in_features);
-    if (lin->bias != NULL)
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t o = 0; o < out; o++) y[r * out + o] += load_elem(lin->bias, lin->dtype, o);
-    return SG_OK;
-}
 
 /* ----- small ops ------------------------------------------------------------------ */
 
@@ -312,7 +167,7 @@ static int norm_linear(const sg_model *md, const sg_linear *lin, const float *x,
         return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
     }
     rms_norm(x, w, md->dtype, normed, m, md->hidden, md->eps);
-    return linear_forward(lin, normed, y, m);
+    return sg_linear_rows(lin, normed, y, m);
 }
 
 /* y = lin(act(gate) * up), gu [m, 2 I]: fused likewise, else through act [m, I]. */
@@ -324,7 +179,7 @@ static int gated_linear(const sg_model *md, const sg_linear *lin, const float *g
         return sg_qgemm_parts((const sg_qparts *)lin->weight, a, y, lin->out_features);
     }
     for (int64_t r = 0; r < m; r++) gate_mul(md, gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
-    return linear_forward(lin, act, y, m);
+    return sg_linear_rows(lin, act, y, m);
 }
 
 /* ----- attention (the rest is in attention.c) ------------------------------------- */
@@ -332,11 +187,8 @@ static int gated_linear(const sg_model *md, const sg_linear *lin, const float *g
 /* Normalize q and k per head (where the layer has q/k norms), rotate them, write k and v
  * into the cache slots, attend. qkv [m, q_size + 2 kv_size] is changed in place; out
  * [m, q_size]. */
-static int attention(const sg_model *model, const sg_layer *ly, const sg_step *st, float *qkv,
+static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, float *qkv,
                      int64_t m, float *out) {
-    sg_model layer_model = *model; /* the layer's own window */
-    layer_model.window = ly->window;
-    const sg_model *md = &layer_model;
     const float *cos_t = ly->local_rope ? st->local_cos : st->cos_t;
     const float *sin_t = ly->local_rope ? st->local_sin : st->sin_t;
     const int64_t D = md->head_dim, half = md->rotary_dim / 2, H = md->num_heads;
@@ -357,16 +209,10 @@ static int attention(const sg_model *model, const sg_layer *ly, const sg_step *s
             store_elem(ly->v_cache, md->dtype, base + i, v[i]);
         }
     }
-    return sg_attend(md, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size);
+    return sg_attend(md, ly->window, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size);
 }
 
 /* ----- entry points ---------------------------------------------------------------- */
-
-/* y [m, out] float32 = x [m, in] float32 @ W^T (+ b), W [out, in]. */
-int sg_linear_forward(const sg_linear *lin, const float *x, float *y, int64_t m) {
-    if (lin->splits != 0) return SG_EINVAL;
-    return linear_forward(lin, x, y, m);
-}
 
 /* out [m, n] = rms_norm(x) * w (tests; the step fuses it). */
 int sg_rms_norm(const float *x, const void *w, int32_t dtype, float *out, int64_t m, int64_t n,
@@ -418,7 +264,7 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
     float *arena = (float *)malloc(floats * sizeof(float));
     /* the quantized layers' activations, reused by every layer (none for dense models) */
     sg_qact aq = {0};
-    const int quantized = md->qctx != NULL && md->fuse_inputs && Hd % SG_QBLOCK == 0 && I % SG_QBLOCK == 0;
+    const int quantized = md->qctx != NULL && md->fuse_inputs;
     if (arena == NULL || (quantized && sg_qact_alloc(&aq, m, Hd > I ? Hd : I) != SG_OK)) {
         free(arena);
         sg_qact_free(&aq);
@@ -431,13 +277,13 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
         int lrc = SG_OK;
         const void *const *norms = ly->norms; /* by role; NULL: none there */
         if (norms[SG_ATTN_IN]) lrc |= norm_linear(md, &ly->qkv, x, norms[SG_ATTN_IN], m, normed, &aq, qkv);
-        else lrc |= linear_forward(&ly->qkv, x, qkv, m);
+        else lrc |= sg_linear_rows(&ly->qkv, x, qkv, m);
         lrc |= attention(md, ly, &st, qkv, m, attn);
-        lrc |= linear_forward(&ly->o, attn, proj, m);
+        lrc |= sg_linear_rows(&ly->o, attn, proj, m);
         if (norms[SG_ATTN_OUT]) rms_norm(proj, norms[SG_ATTN_OUT], md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];
         if (norms[SG_MLP_IN]) lrc |= norm_linear(md, &ly->gate_up, x, norms[SG_MLP_IN], m, normed, &aq, gu);
-        else lrc |= linear_forward(&ly->gate_up, x, gu, m);
+        else lrc |= sg_linear_rows(&ly->gate_up, x, gu, m);
         lrc |= gated_linear(md, &ly->down, gu, m, act, &aq, proj);
         if (norms[SG_MLP_OUT]) rms_norm(proj, norms[SG_MLP_OUT], md->dtype, proj, m, Hd, md->eps);
         for (int64_t i = 0; i < m * Hd; i++) x[i] += md->residual_scale * proj[i];

@@ -48,7 +48,8 @@ typedef struct {
 typedef struct {
     int64_t hidden, q_size, kv_size, intermediate;
     int64_t num_heads, num_kv_heads, head_dim, block_size;
-    int64_t window; /* 0: none (sg_paged_attention's; a step's layers carry their own) */
+    int64_t window; /* sg_paged_attention's sliding window (0: none); a step's layers
+                     * carry their own (sg_layer.window) */
     float eps, scale;
     int32_t dtype; /* norm weights and KV cache */
     float residual_scale; /* x += residual_scale * branch (Granite; 1 elsewhere) */
@@ -78,11 +79,16 @@ SG_INTERNAL int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs,
                               const int64_t *query_start, const int64_t *seq_lens,
                               const uint8_t *tree_mask, int64_t tree_stride);
 
-/* Attend the m rows of a step (attention.c). q [m, q_stride] holds each row's rotated
- * query heads first; out [m, out_stride] gets each row's num_heads * head_dim outputs.
+/* y [m, out] float32 = x [m, in] float32 @ W^T + b (dense_linear.c; quantized weights:
+ * the quantized core). SG_OK, or SG_EINVAL from the quantized core. */
+SG_INTERNAL int sg_linear_rows(const sg_linear *lin, const float *x, float *y, int64_t m);
+
+/* Attend the m rows of a step (attention.c) with a sliding window (0: none; a step's
+ * layers pass their own). q [m, q_stride] holds each row's rotated query heads first;
+ * out [m, out_stride] gets each row's num_heads * head_dim outputs.
  * Returns SG_OK or SG_ENOMEM (its scratch is its own). */
-SG_INTERNAL int sg_attend(const sg_model *md, const void *k_cache, const void *v_cache,
-                          const sg_step *st, const float *q, int64_t q_stride, float *out,
-                          int64_t out_stride);
+SG_INTERNAL int sg_attend(const sg_model *md, int64_t window, const void *k_cache,
+                          const void *v_cache, const sg_step *st, const float *q,
+                          int64_t q_stride, float *out, int64_t out_stride);
 
 #endif
