@@ -16,8 +16,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from streamgen.attention.auto import resolve_backend
 from streamgen.checkpoint.loader import LoadedModel, load_model
+from streamgen.engine.assembly import build_core, engine_stats
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.engine.delivery import current_loop, loop_scheduler
@@ -34,16 +34,8 @@ from streamgen.errors import (
     RequestError,
     WrongEventLoopError,
 )
-from streamgen.kv import BlockManager
-from streamgen.native.qkernels import default_threads
-from streamgen.runner.cuda_graph import CudaGraphConfig
-from streamgen.runner.kv_cache import KVCacheConfig
-from streamgen.runner.model_runner import ModelRunner
-from streamgen.runner.sampler import Sampler
 from streamgen.sampling_params import SamplingParams, choice_seed
-from streamgen.scheduler import Request, Scheduler, SchedulerConfig
-from streamgen.spec.factory import make_drafter
-from streamgen.spec.policy import SpeculationPolicy
+from streamgen.scheduler import Request
 from streamgen.structured.compiler import GrammarCompiler
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -108,57 +100,7 @@ class Engine:
 
     def _build_core(self, deliver: Callable[[StepEvents], None]) -> EngineCore:
         self._loaded = loaded = self._load()
-        cfg = self.config
-        runner = ModelRunner(
-            loaded,
-            KVCacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_bytes),
-            backend=resolve_backend(cfg.attention_backend, loaded.spec, loaded.device),
-            sampler=Sampler(seed=cfg.seed, eos_token_ids=loaded.spec.eos_token_ids),
-            num_host_blocks=cfg.num_host_blocks,
-            cuda_graphs=CudaGraphConfig(cfg.max_num_seqs, self.max_model_len)
-            if cfg.cuda_graphs and loaded.device.type == "cuda"
-            else None,
-        )
-        blocks = BlockManager(
-            runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.num_host_blocks
-        )
-        scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_num_seqs=cfg.max_num_seqs,
-                long_prefill_chunk=cfg.long_prefill_chunk,
-                preemption_mode=cfg.preemption_mode,
-                block_size=cfg.block_size,
-                priority_aging_s=cfg.priority_aging_s,
-            ),
-            blocks,
-            max_model_len=self.max_model_len,
-            eos_token_ids=loaded.spec.eos_token_ids,
-        )
-        self._check_capacity(runner.num_blocks)
-        drafter, policy = None, None
-        if cfg.speculation is not None:
-            drafter = make_drafter(cfg.speculation, loaded, runner)
-            policy = SpeculationPolicy(cfg.speculation)
-        # Structured-output masks beside the forward only where it leaves CPUs idle: on a
-        # CPU whose every core runs the kernels, the two would only slow each other down.
-        spare_cpus = cfg.threads is not None and cfg.threads < default_threads()
-        return EngineCore(
-            scheduler, runner, loaded.tokenizer, deliver, drafter=drafter, policy=policy,
-            overlap_masks=loaded.device.type != "cpu" or spare_cpus,
-        )  # fmt: skip
-
-    def _check_capacity(self, num_blocks: int) -> None:
-        """A configuration that cannot hold one request of max_model_len tokens is an error
-        at start, not a stream of failed requests."""
-        needed = -(-self.max_model_len // self.config.block_size)
-        if needed > num_blocks:
-            raise ConfigError(
-                f"the KV pool holds {num_blocks} blocks of {self.config.block_size} tokens "
-                f"({num_blocks * self.config.block_size} tokens) but one request of "
-                f"max_model_len={self.max_model_len} tokens needs {needed} blocks: raise "
-                "kv_cache_bytes / num_kv_blocks or lower max_model_len"
-            )
+        return build_core(loaded, self.config, self.max_model_len, deliver)
 
     def _load(self) -> LoadedModel:
         import torch
@@ -408,41 +350,7 @@ class Engine:
         """Queue sizes, KV blocks and preemptions, read without locking (approximate).
 
         Raises EngineNotStartedError before ``start()``."""
-        core = self._require_core()
-        sched = core.scheduler.stats()
-        blocks = core.scheduler.block_manager
-        return {
-            "healthy": self.healthy,
-            "running": sched.num_running,
-            "waiting": sched.num_waiting,
-            "swapped": sched.num_swapped,
-            "preemptions": sched.num_preemptions,
-            "forks": sched.num_forks,  # parallel samples that forked a prompt's KV blocks
-            "kv_blocks_total": blocks.num_total_blocks,
-            "kv_blocks_free": blocks.num_free_blocks,
-            "kv_blocks_used": blocks.num_used_blocks,
-            "kv_blocks_cached": blocks.num_cached_blocks,
-            "steps": core.num_steps,
-            # Where a step's time goes: the model's forward + LM head (kernel_s) and the
-            # host work around it (scheduling, input prep, sampling, text, delivery).
-            "step_time": {
-                "total_s": core.step_seconds,
-                "kernel_s": core.runner.kernel_seconds,
-                "host_s": max(0.0, core.step_seconds - core.runner.kernel_seconds),
-                "host_ms_per_step": 1e3
-                * max(0.0, core.step_seconds - core.runner.kernel_seconds)
-                / max(1, core.num_steps),
-            },
-            "generated_tokens": core.throughput.total_tokens,
-            "throughput_tok_s": core.throughput.tokens_per_second(),
-            "attention_backend": core.runner.backend.name,
-            "cuda_graphs": core.runner.graphs is not None,
-            # Small CPU decode steps in one native call (model/native_decode.py).
-            "native_decode": core.runner.loaded.model.native_decoder is not None,
-            "speculation": None
-            if core.drafter is None
-            else {"method": core.drafter.name, **core.speculation.as_dict()},
-        }
+        return engine_stats(self._require_core(), healthy=self.healthy)
 
     @property
     def healthy(self) -> bool:
