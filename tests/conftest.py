@@ -18,24 +18,38 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar"])
+# The native CPU kernels' variants: (build, STREAMGEN_NATIVE_ISA). The ISA picks
+# attention's inner loops (attention_kernels.h): the build's own, or AVX-512's.
+KERNEL_VARIANTS = {"simd": ("simd", "avx2"), "scalar": ("DEFAULT", "scalar"),
+                   "avx512": ("simd", "avx512vnni")}
+
+
+@pytest.fixture(scope="module", params=list(KERNEL_VARIANTS))
 def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Both builds of the native CPU kernels (``streamgen/native``), each in a fresh
-    directory: the AVX2 + FMA one (where this CPU has them) and the scalar one."""
+    """Every variant of the native CPU kernels (``streamgen/native``) this CPU runs, each
+    built in a fresh directory: the AVX2 + FMA build with its own attention loops, the
+    scalar build, and the AVX2 + FMA build with AVX-512 attention loops. The ISA is set
+    in ``STREAMGEN_NATIVE_ISA`` while the module's tests run."""
     import ctypes
 
     from streamgen.native import NativeKernels, native_kernels
     from streamgen.native.build import build_library, compile_flags
+    from streamgen.native.qkernels import ISA_ENV_VAR, Isa, supported_isas
 
     if native_kernels() is None:
         pytest.skip("no C compiler here")
-    capability = torch.backends.cpu.get_cpu_capability() if request.param == "simd" else "DEFAULT"
-    if request.param == "simd" and "-mavx2" not in compile_flags(capability):
+    build, isa = KERNEL_VARIANTS[request.param]
+    capability = torch.backends.cpu.get_cpu_capability() if build == "simd" else "DEFAULT"
+    if build == "simd" and "-mavx2" not in compile_flags(capability):
         pytest.skip("this CPU has no AVX2")
+    if Isa[isa.upper()] not in supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
     path = build_library(tmp_path_factory.mktemp(request.param), capability)
     loaded = NativeKernels(ctypes.CDLL(str(path)))
-    assert loaded.simd == (request.param == "simd")
-    return loaded
+    assert loaded.simd == (build == "simd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ISA_ENV_VAR, isa)
+        yield loaded
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""NativeAttentionBackend vs TorchReferenceBackend on whole steps, with both kernel builds.
+"""NativeAttentionBackend vs TorchReferenceBackend on whole steps, with every kernel variant.
 
 The kernel reads the paged cache in place, block by block; the reference
 gathers and runs SDPA. Steps mix decodes at every page boundary, prefill
@@ -7,6 +7,8 @@ the longer chunks go to the reference within the same step.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import sys
 from pathlib import Path
@@ -36,6 +38,7 @@ def make_step(
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
     tree_seqs: frozenset[int] = frozenset(),
+    softcap: float | None = None,
 ) -> Step:
     """(query [tokens, heads, dim], k_cache, v_cache, metadata) over scattered blocks."""
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +50,7 @@ def make_step(
     metadata = make_metadata(
         tables, seq_lens, query_lens, BLOCK_SIZE, sliding_window=sliding_window, tree_mask=tree_mask
     )
+    metadata = dataclasses.replace(metadata, logit_softcap=softcap)
     query = torch.randn(sum(query_lens), NUM_HEADS, head_dim, generator=g).to(dtype)
     return query, cache.k_cache, cache.v_cache, metadata
 
@@ -74,7 +78,7 @@ def test_mixed_steps_match_reference(
 ) -> None:
     backend = NativeAttentionBackend(max_native_chunk=max_native_chunk, kernels=kernels)
     for seed, kwargs in enumerate(
-        [dict(tree_seqs=frozenset({7})), dict(), dict(sliding_window=20)]
+        [dict(tree_seqs=frozenset({7})), dict(), dict(sliding_window=20), dict(softcap=1.5)]
     ):
         step = make_step(SEQ_LENS, QUERY_LENS, seed, head_dim=head_dim, **kwargs)  # type: ignore[arg-type]
         error, _ = errors(backend, step)
@@ -106,6 +110,40 @@ def test_a_wrong_visibility_rule_would_fail(kernels: NativeKernels) -> None:
     expected = TorchReferenceBackend().attend(query, k_cache, v_cache, metadata, 0.125)
     assert float((out - expected).abs().max()) > 1e-2
     assert torch.allclose(out[-1], expected[-1], atol=1e-5)  # the last row sees the same keys
+
+
+def test_soft_capped_scores_are_capped(kernels: NativeKernels) -> None:
+    """Gemma 2's cap * tanh(score / cap) runs in the kernel (the mixed-step test compares
+    it with the reference); the same step uncapped is far from it, so the cap is applied."""
+    backend = NativeAttentionBackend(kernels=kernels)
+    query, k_cache, v_cache, metadata = make_step([40, 300], [6, 1], seed=9, softcap=1.0)
+    capped = backend.attend(query, k_cache, v_cache, metadata, 0.25)
+    plain = dataclasses.replace(metadata, logit_softcap=None)
+    expected = TorchReferenceBackend().attend(query, k_cache, v_cache, metadata, 0.25)
+    assert float((capped - expected).abs().max()) < 1e-5
+    uncapped = TorchReferenceBackend().attend(query, k_cache, v_cache, plain, 0.25)
+    assert float((capped - uncapped).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 20])
+def test_avx512_loops_give_the_avx2_bits(head_dim: int) -> None:
+    """AVX-512 attention (attention_avx512.c: transposed keys for many queries) keeps the
+    AVX2 loops' arithmetic, so a row's attention has the same bits on either ISA: decodes,
+    chunks, a tree, a window, soft-capping, head sizes with and without SIMD tails."""
+    from streamgen.native import native_kernels
+    from streamgen.native.qkernels import Isa, supported_isas
+
+    kernels = native_kernels()
+    if kernels is None or not kernels.simd or Isa.AVX512VNNI not in supported_isas():
+        pytest.skip("needs the AVX2 build on an AVX-512 CPU")
+    avx2 = NativeAttentionBackend(max_native_chunk=32, kernels=kernels, isa=Isa.AVX2)
+    avx512 = NativeAttentionBackend(max_native_chunk=32, kernels=kernels, isa=Isa.AVX512VNNI)
+    assert (avx2.table, avx512.table) == (0, 1)
+    for seed, kwargs in enumerate(
+        [dict(tree_seqs=frozenset({7})), dict(sliding_window=20), dict(softcap=1.5)]
+    ):
+        step = make_step(SEQ_LENS, QUERY_LENS, seed, head_dim=head_dim, **kwargs)  # type: ignore[arg-type]
+        assert torch.equal(avx2.attend(*step, 0.125), avx512.attend(*step, 0.125)), kwargs
 
 
 def test_bfloat16_cache_within_rounding(kernels: NativeKernels) -> None:

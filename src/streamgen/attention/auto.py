@@ -42,10 +42,10 @@ def resolve_backend(
     """
     if name != "auto":
         return name
-    if spec.attn_logit_softcap is not None:
-        return "torch"  # soft-capped scores (Gemma 2): only the reference has them
     device = torch.device(device)
     if device.type != "cpu":
+        if spec.attn_logit_softcap is not None:
+            return "torch"  # soft-capped scores (Gemma 2): the GPU kernels lack them
         from streamgen.attention.registry import default_backend_name
 
         return default_backend_name(device)

@@ -30,6 +30,7 @@ from streamgen.attention.sub_batch import SubBatch, attend_sub_batch, sub_batch
 from streamgen.attention.torch_ref import SHORT_CHUNK, TorchReferenceBackend
 from streamgen.native.build import NativeUnavailableError
 from streamgen.native.kernels import NativeKernels, NativeModel, dtype_code, native_kernels
+from streamgen.native.qkernels import Isa, attention_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class NativeAttentionBackend(AttentionBackend):
     ``max_native_chunk``: chunks with more new tokens go to the reference.
     ``kernels``: the loaded kernels (default: :func:`native_kernels`); raises
     :class:`~streamgen.native.build.NativeUnavailableError` where they do not build.
+    ``isa``: whose attention loops to run (default: :func:`select_isa`'s, as the native
+    decoder's; tests pass each one this CPU has).
 
     >>> backend = NativeAttentionBackend()  # doctest: +SKIP
     >>> out = backend.attend(query, k_cache, v_cache, metadata, scale)
@@ -55,7 +58,11 @@ class NativeAttentionBackend(AttentionBackend):
     name = "native"
 
     def __init__(
-        self, *, max_native_chunk: int = SHORT_CHUNK, kernels: NativeKernels | None = None
+        self,
+        *,
+        max_native_chunk: int = SHORT_CHUNK,
+        kernels: NativeKernels | None = None,
+        isa: Isa | None = None,
     ) -> None:
         if max_native_chunk < 1:
             raise ValueError(f"max_native_chunk must be positive, got {max_native_chunk}")
@@ -63,6 +70,7 @@ class NativeAttentionBackend(AttentionBackend):
         if kernels is None:
             raise NativeUnavailableError("the native CPU kernels could not be built or loaded")
         self.kernels = kernels
+        self.table = attention_table(isa)
         self.max_native_chunk = max_native_chunk
         self.reference = TorchReferenceBackend()
         self._plan_for: AttentionMetadata | None = None
@@ -132,19 +140,19 @@ class NativeAttentionBackend(AttentionBackend):
     ) -> NativeModel:
         _, block_size, num_kv_heads, head_dim = k_cache.shape
         window = metadata.sliding_window or 0
-        key = (num_heads, num_kv_heads, head_dim, block_size, window, code, scale)
+        softcap = metadata.logit_softcap or 0.0
+        key = (num_heads, num_kv_heads, head_dim, block_size, window, code, scale, softcap)
         struct = self._structs.get(key)
         if struct is None:
             struct = NativeModel(
                 num_heads * head_dim, num_heads * head_dim, num_kv_heads * head_dim, 0,
                 num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, code, 1.0,
+                None, 0, 0, head_dim, 1, self.table, softcap,
             )  # fmt: skip
             self._structs[key] = struct
         return struct
 
     def _make_plan(self, metadata: AttentionMetadata) -> _StepPlan | None:
-        if metadata.logit_softcap is not None:
-            return None  # soft-capped scores (Gemma 2): the reference serves them
         if metadata.tree_mask is not None and metadata.sliding_window is not None:
             return None  # the kernel does not combine the two: the reference does it all
         if metadata.slot_mapping.device.type != "cpu":

@@ -45,6 +45,7 @@ def sub_batch(metadata: AttentionMetadata, seqs: list[int]) -> SubBatch:
             seq_lens_list=tuple(metadata.seq_lens_list[s] for s in seqs),
             block_size=metadata.block_size,
             sliding_window=metadata.sliding_window,
+            logit_softcap=metadata.logit_softcap,
             tree_mask=None if tree_mask is None else tree_mask[rows.to(tree_mask.device)],
         ),
         rows=rows,

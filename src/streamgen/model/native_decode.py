@@ -42,6 +42,7 @@ from streamgen.native.kernels import (
     native_linear,
     ptr,
 )
+from streamgen.native.qkernels import Isa, attention_table
 
 if TYPE_CHECKING:
     from streamgen.model.llama import DecoderLayer, LlamaModel
@@ -67,7 +68,8 @@ class NativeDecoder:
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
             _quant_context(model), ACTIVATION_CODES[spec.hidden_act], int(spec.qk_norm_whole),
-            rotary_dim(spec.rope, spec.head_dim), 1,
+            rotary_dim(spec.rope, spec.head_dim), 1, _attention_table(model),
+            spec.attn_logit_softcap or 0.0,
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
@@ -86,8 +88,8 @@ class NativeDecoder:
         if any(isinstance(m, LinearLayer) and m.splits is not None for m in model.modules()):
             return None
         spec = model.spec
-        if spec.hidden_act not in ACTIVATION_CODES or spec.attn_logit_softcap is not None:
-            return None  # soft-capped attention scores (Gemma 2): the torch reference
+        if spec.hidden_act not in ACTIVATION_CODES:
+            return None
         return cls(model, kernels)
 
     def accepts(
@@ -184,6 +186,15 @@ def _quant_context(model: LlamaModel) -> int | None:
         if isinstance(module, LinearLayer) and module.packed is not None:
             return ctypes.addressof(module.packed.struct.ctx.contents)
     return None
+
+
+def _attention_table(model: LlamaModel) -> int:
+    """The attention kernels of the quantized kernels' ISA (a quantized model), else of
+    the ISA this process selects: the attention backend's (attention/native.py) too."""
+    for module in model.modules():
+        if isinstance(module, LinearLayer) and module.packed is not None:
+            return attention_table(Isa(module.packed.struct.ctx.contents.isa))
+    return attention_table()
 
 
 def _linear(linear: LinearLayer) -> ctypes.Structure:

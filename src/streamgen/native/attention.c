@@ -19,10 +19,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_kernels.h"
 #include "attention_tiles.h"
 #include "dense_step.h"
 #include "simd_f32.h"
 #include "thread_pool.h"
+
+/* Queries of one task: its pointer arrays live on the stack. */
+enum { PART_QUERIES = 128, MIN_PART_QUERIES = 8 };
 
 /* Whether row i of a chunk (prefix keys before it) sees the key at position k. */
 static inline int visible(int64_t window, const sg_step *st, int64_t row, int64_t i,
@@ -47,9 +51,37 @@ static inline const float *head_block(const void *cache, int32_t dt, int64_t off
     return buf;
 }
 
+/* The build's own table (AVX2 + FMA, or scalar): attention_tiles.h's loops. */
+static void scores_built(const float *const *q, int64_t nq, const float *kb, int64_t stride,
+                         int64_t count, int64_t D, float scale, float *s, int64_t s_stride,
+                         float *scratch) {
+    (void)scratch;
+    for (int64_t j = 0; j < nq; j += QK_QUERIES)
+        tile_dots(q + j, nq - j < QK_QUERIES ? nq - j : QK_QUERIES, kb, stride, count, D, scale,
+                  s + j * s_stride, s_stride);
+}
+
+static void values_built(const float *const *p, float *const *o, int64_t nj, const float *vb,
+                         int64_t stride, int64_t count, int64_t D) {
+    for (int64_t j = 0; j < nj; j += PV_OUTPUTS)
+        tile_values(p + j, o + j, nj - j < PV_OUTPUTS ? nj - j : PV_OUTPUTS, vb, stride, count, D);
+}
+
+const sg_attend_kernels sg_attend_built = {scores_built, values_built, max_f32, exp_shifted};
+
+/* sg_model.attention_kernels -> its table, or NULL where this CPU lacks it. */
+static const sg_attend_kernels *attend_kernels(int32_t which) {
+    switch (which) {
+    case SG_ATTEND_BUILT: return &sg_attend_built;
+    case SG_ATTEND_AVX512: return __builtin_cpu_supports("avx512f") ? &sg_attend_avx512 : NULL;
+    default: return NULL;
+    }
+}
+
 /* The arguments of one attention call, shared by its tasks. */
 typedef struct {
     const sg_model *md;
+    const sg_attend_kernels *kernels;
     const void *k_cache, *v_cache;
     const sg_step *st;
     const float *q;
@@ -57,13 +89,16 @@ typedef struct {
     float *out;
     int64_t out_stride;
     int64_t window; /* the layer's sliding window (0: none) */
+    int64_t parts;  /* each tile's queries go to this many tasks */
 } attend_args;
 
-/* Rows [i0, i0 + ATTEND_ROWS) of sequence b, the query heads of KV head kvh.
- * scores: >= group * min(q_len, ATTEND_ROWS) * seq_len floats; buf: >= block_size * D. */
-static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh, float *scores,
-                        float *buf) {
+/* The queries [j_lo, j_hi) of rows [i0, i0 + ATTEND_ROWS) of sequence b and KV head kvh
+ * (query j: row i0 + j / group, head kvh * group + j % group; j_hi - j_lo <= PART_QUERIES).
+ * scores: >= (j_hi - j_lo) * seq_len floats; buf: >= (block_size + SG_KEY_CHUNK) * D. */
+static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh, int64_t j_lo,
+                        int64_t j_hi, float *scores, float *buf) {
     const sg_model *md = a->md;
+    const sg_attend_kernels *kn = a->kernels;
     const sg_step *st = a->st;
     const int64_t D = md->head_dim, KVH = md->num_kv_heads, group = md->num_heads / KVH;
     const int64_t bs = md->block_size, row_elems = KVH * D, head_off = kvh * D;
@@ -72,61 +107,68 @@ static void attend_tile(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     const int64_t n = st->seq_lens[b], prefix = n - seq_q_len;
     const int64_t *table = st->block_tables + b * st->bt_stride;
     const int64_t first = seq_first + i0;
-    const int64_t q_len = seq_q_len - i0 < ATTEND_ROWS ? seq_q_len - i0 : ATTEND_ROWS;
-    const int64_t nq = q_len * group; /* query j: row j / group, head kvh * group + j % group */
-    /* Causal: keys past the tile's last row are invisible to all its rows. Skipping them
-     * changes no bit (they would add exact zeros), and halves a prefill's attention. */
-    const int64_t last_key = prefix + i0 + q_len;
+    const int64_t nq = j_hi - j_lo;
+    /* Causal: keys past the last row's position are invisible to all its rows. Skipping
+     * them changes no bit (they would add exact zeros), and halves a prefill's attention. */
+    const int64_t last_row = i0 + (j_hi - 1) / group;
+    const int64_t last_key = prefix + last_row + 1;
     const int64_t nv = st->tree_mask == NULL && last_key < n ? last_key : n;
     /* Keys a row may not see: with a tree mask, the chunk's own keys (from prefix on);
-     * causal, the keys past the tile's first row (position prefix + i0); with a window,
-     * the keys below win_end (out of the last row's window). Blocks with none of them
-     * skip the mask. */
-    const int64_t hidden_from = st->tree_mask != NULL ? prefix : prefix + i0 + 1;
+     * causal, the keys past the first row (position prefix + i0 + j_lo / group); with a
+     * window, the keys below win_end (out of the last row's window). Blocks with none of
+     * them skip the mask. */
+    const int64_t hidden_from = st->tree_mask != NULL ? prefix : prefix + i0 + j_lo / group + 1;
     const int64_t win_end = a->window > 0 ? last_key - a->window : 0;
-#define QUERY(j) (a->q + (first + (j) / group) * a->q_stride + (kvh * group + (j) % group) * D)
-#define OUTPUT(j) (a->out + (first + (j) / group) * a->out_stride + (kvh * group + (j) % group) * D)
+    const float cap = md->attn_softcap;
+    const float *qs[PART_QUERIES];
+    float *os[PART_QUERIES];
+    const float *ps[PART_QUERIES];
+    for (int64_t j = 0; j < nq; j++) {
+        const int64_t row = first + (j_lo + j) / group, head = kvh * group + (j_lo + j) % group;
+        qs[j] = a->q + row * a->q_stride + head * D;
+        os[j] = a->out + row * a->out_stride + head * D;
+    }
+    float *widened = buf, *scratch = buf + bs * D;
     /* scores[j * n + key] */
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
         int64_t stride;
         const float *kb = head_block(a->k_cache, dt, table[blk] * bs * row_elems + head_off, count,
-                                     row_elems, D, buf, &stride);
-        for (int64_t j0 = 0; j0 < nq; j0 += QK_QUERIES) {
-            const int64_t nj = nq - j0 < QK_QUERIES ? nq - j0 : QK_QUERIES;
-            const float *qs[QK_QUERIES];
-            for (int64_t j = 0; j < nj; j++) qs[j] = QUERY(j0 + j);
-            tile_dots(qs, nj, kb, stride, count, D, md->scale, scores + j0 * n + key, n);
-        }
+                                     row_elems, D, widened, &stride);
+        for (int64_t c = 0; c < count; c += SG_KEY_CHUNK)
+            kn->scores(qs, nq, kb + c * stride, stride,
+                       count - c < SG_KEY_CHUNK ? count - c : SG_KEY_CHUNK, D, md->scale,
+                       scores + key + c, n, scratch);
+        if (cap > 0.0f) /* soft-capped scores (Gemma 2): cap * tanh(s / cap) */
+            for (int64_t j = 0; j < nq; j++)
+                for (int64_t k = 0; k < count; k++) {
+                    float *sc = scores + j * n + key + k;
+                    *sc = cap * tanhf(*sc / cap);
+                }
         const int masked = key + count > hidden_from || key < win_end;
-        for (int64_t i = 0; masked && i < q_len; i++)
+        for (int64_t j = 0; masked && j < nq; j++) {
+            const int64_t i = i0 + (j_lo + j) / group;
             for (int64_t k = 0; k < count; k++)
-                if (!visible(a->window, st, first + i, i0 + i, prefix, key + k))
-                    for (int64_t g = 0; g < group; g++) scores[(i * group + g) * n + key + k] = -INFINITY;
+                if (!visible(a->window, st, first + (j_lo + j) / group, i, prefix, key + k))
+                    scores[j * n + key + k] = -INFINITY;
+        }
         key += count;
     }
     for (int64_t j = 0; j < nq; j++) {
         float *sc = scores + j * n;
-        const float inv = 1.0f / exp_shifted(sc, nv, max_f32(sc, nv));
+        const float inv = 1.0f / kn->exp_shifted(sc, nv, kn->max(sc, nv));
         for (int64_t key = 0; key < nv; key++) sc[key] *= inv;
-        memset(OUTPUT(j), 0, (size_t)D * sizeof(float));
+        memset(os[j], 0, (size_t)D * sizeof(float));
     }
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
         int64_t stride;
         const float *vb = head_block(a->v_cache, dt, table[blk] * bs * row_elems + head_off, count,
-                                     row_elems, D, buf, &stride);
-        for (int64_t j0 = 0; j0 < nq; j0 += PV_OUTPUTS) {
-            const int64_t nj = nq - j0 < PV_OUTPUTS ? nq - j0 : PV_OUTPUTS;
-            const float *ps[PV_OUTPUTS];
-            float *os[PV_OUTPUTS];
-            for (int64_t j = 0; j < nj; j++) ps[j] = scores + (j0 + j) * n + key, os[j] = OUTPUT(j0 + j);
-            tile_values(ps, os, nj, vb, stride, count, D);
-        }
+                                     row_elems, D, widened, &stride);
+        for (int64_t j = 0; j < nq; j++) ps[j] = scores + j * n + key;
+        kn->values(ps, os, nq, vb, stride, count, D);
         key += count;
     }
-#undef QUERY
-#undef OUTPUT
 }
 
 /* A step's tasks and the scratch slots they share: at most one task per thread runs at
@@ -139,35 +181,61 @@ typedef struct {
     _Atomic int *busy;
 } attend_job;
 
+/* Task t: tile t / (KVH * parts), KV head (t / parts) % KVH, part t % parts. */
 static void attend_task(void *ctx, int64_t t) {
     attend_job *job = (attend_job *)ctx;
-    const int64_t kvh_count = job->args->md->num_kv_heads, tile = t / kvh_count;
+    const attend_args *a = job->args;
+    const sg_step *st = a->st;
+    const int64_t kvh_count = a->md->num_kv_heads, group = a->md->num_heads / kvh_count;
+    const int64_t part = t % a->parts, kvh = (t / a->parts) % kvh_count;
+    const int64_t tile = t / (a->parts * kvh_count), b = job->tiles[2 * tile];
+    const int64_t i0 = job->tiles[2 * tile + 1];
+    const int64_t q_len = st->query_start[b + 1] - st->query_start[b] - i0;
+    const int64_t nq = (q_len < ATTEND_ROWS ? q_len : ATTEND_ROWS) * group;
+    const int64_t share = (nq + a->parts - 1) / a->parts;
+    const int64_t j_lo = part * share, j_hi = j_lo + share < nq ? j_lo + share : nq;
+    if (j_lo >= j_hi) return;
     int64_t slot = 0;
     while (atomic_exchange(&job->busy[slot], 1)) slot = (slot + 1) % job->slots;
     float *scores = job->scratch + slot * job->slot_floats;
-    attend_tile(job->args, job->tiles[2 * tile], job->tiles[2 * tile + 1], t % kvh_count, scores,
-                scores + job->score_floats);
+    attend_part(a, b, i0, kvh, j_lo, j_hi, scores, scores + job->score_floats);
     atomic_store(&job->busy[slot], 0);
+}
+
+/* Tasks per tile and KV head: enough for two per thread where the step has fewer tiles
+ * (a decode, a draft tree), each at least MIN_PART_QUERIES queries (a part re-reads its
+ * keys); and at most PART_QUERIES queries each. The split changes no bit. */
+static int64_t attend_parts(int64_t tasks, int64_t threads, int64_t max_queries) {
+    const int64_t fewest = (max_queries + PART_QUERIES - 1) / PART_QUERIES;
+    int64_t parts = (2 * threads + tasks - 1) / tasks;
+    if (parts > max_queries / MIN_PART_QUERIES) parts = max_queries / MIN_PART_QUERIES;
+    return parts > fewest ? parts : fewest;
 }
 
 int sg_attend(const sg_model *md, int64_t window, const void *k_cache, const void *v_cache,
               const sg_step *st, const float *q, int64_t q_stride, float *out, int64_t out_stride) {
-    const attend_args args = {md, k_cache, v_cache, st, q, q_stride, out, out_stride, window};
+    const sg_attend_kernels *kernels = attend_kernels(md->attention_kernels);
+    if (kernels == NULL) return SG_EINVAL;
     const int64_t group = md->num_heads / md->num_kv_heads;
-    int64_t num_tiles = 0, max_cells = 1;
+    int64_t num_tiles = 0, max_n = 1, max_rows = 1;
     for (int64_t b = 0; b < st->num_seqs; b++) {
         const int64_t q_len = st->query_start[b + 1] - st->query_start[b];
         const int64_t rows = q_len < ATTEND_ROWS ? q_len : ATTEND_ROWS;
         num_tiles += (q_len + ATTEND_ROWS - 1) / ATTEND_ROWS;
-        max_cells = rows * st->seq_lens[b] > max_cells ? rows * st->seq_lens[b] : max_cells;
+        max_n = st->seq_lens[b] > max_n ? st->seq_lens[b] : max_n;
+        max_rows = rows > max_rows ? rows : max_rows;
     }
-    const int64_t num_tasks = num_tiles * md->num_kv_heads;
     sg_pool *pool = md->qctx ? md->qctx->pool : NULL;
-    const int parallel = pool && sg_pool_threads(pool) > 1 && num_tasks > 1 &&
-                         num_tasks <= SG_POOL_MAX_TASKS;
-    const int64_t slots = parallel ? sg_pool_threads(pool) : 1;
-    attend_job job = {&args, NULL, NULL, 0, group * max_cells, slots, NULL};
-    job.slot_floats = job.score_floats + md->block_size * md->head_dim;
+    const int64_t threads = pool ? sg_pool_threads(pool) : 1;
+    const int64_t parts = attend_parts(num_tiles * md->num_kv_heads, threads, max_rows * group);
+    const attend_args args = {md, kernels, k_cache, v_cache, st, q, q_stride,
+                              out, out_stride, window, parts};
+    const int64_t num_tasks = num_tiles * md->num_kv_heads * parts;
+    const int parallel = threads > 1 && num_tasks > 1 && num_tasks <= SG_POOL_MAX_TASKS;
+    const int64_t slots = parallel ? threads : 1;
+    const int64_t part_queries = (max_rows * group + parts - 1) / parts;
+    attend_job job = {&args, NULL, NULL, 0, part_queries * max_n, slots, NULL};
+    job.slot_floats = job.score_floats + (md->block_size + SG_KEY_CHUNK) * md->head_dim;
     int64_t *tiles = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * num_tiles));
     job.scratch = (float *)malloc(sizeof(float) * (size_t)(slots * job.slot_floats));
     _Atomic int *busy = (_Atomic int *)calloc((size_t)slots, sizeof(_Atomic int));

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 DISABLE_ENV_VAR = "STREAMGEN_NATIVE"
-DENSE_SOURCES = ("decode_kernels.c", "dense_linear.c", "attention.c")
+DENSE_SOURCES = ("decode_kernels.c", "dense_linear.c", "attention.c", "attention_avx512.c")
 QUANT_SOURCES = (
     "qgemm.c",
     "qgemm_scalar.c",
@@ -43,7 +43,7 @@ QUANT_SOURCES = (
     "kquant.c",
 )
 HEADERS = (
-    "dense_step.h", "simd_f32.h", "attention_tiles.h", "quant_layout.h",
+    "dense_step.h", "simd_f32.h", "attention_tiles.h", "attention_kernels.h", "quant_layout.h",
     "quant_access.h",
     "qgemm_kernels.h",
     "qgemm_x86_256.h",

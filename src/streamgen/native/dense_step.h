@@ -16,7 +16,9 @@
 
 enum { SG_F32 = 0, SG_BF16 = 1, SG_QUANT = 2 }; /* SG_QUANT: weight is an sg_qparts */
 enum { SG_OK = 0, SG_ENOMEM = -1, SG_EINVAL = -2 };
-enum { ATTEND_ROWS = 32 }; /* rows of one sequence whose scores are held at once */
+enum { ATTEND_ROWS = 32 };
+/* Attention's inner loops (attention_kernels.h): the build's own (AVX2 or scalar), AVX-512. */
+enum sg_attend_table { SG_ATTEND_BUILT = 0, SG_ATTEND_AVX512 = 1 }; /* rows of one sequence whose scores are held at once */
 
 typedef struct {
     const void *weight;
@@ -59,6 +61,8 @@ typedef struct {
     int64_t rotary_dim;    /* the rotated dims of each head (< head_dim: partial rotary) */
     int32_t fuse_inputs;   /* 1: quantized layers' inputs quantized as they are made (the
                             * same values as quantizing the finished rows, 0; tests compare) */
+    int32_t attention_kernels; /* enum sg_attend_table: attention's inner loops */
+    float attn_softcap;        /* > 0: scores soft-capped to cap * tanh(s / cap) (Gemma 2) */
     int32_t _pad;
 } sg_model;
 

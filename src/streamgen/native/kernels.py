@@ -75,6 +75,8 @@ class NativeModel(ctypes.Structure):
         # 1: quantized layers' inputs quantized as the norm / SwiGLU make them (fused); 0:
         # quantize the finished rows (the same values, for tests)
         ("fuse_inputs", ctypes.c_int32),
+        ("attention_kernels", ctypes.c_int32),  # attention's inner loops: attention_table()
+        ("attn_softcap", ctypes.c_float),  # > 0: scores soft-capped (Gemma 2); 0: none
         ("_pad", ctypes.c_int32),
     ]
 
