@@ -9,7 +9,6 @@ the longer chunks go to the reference within the same step.
 from __future__ import annotations
 
 import dataclasses
-
 import sys
 from pathlib import Path
 

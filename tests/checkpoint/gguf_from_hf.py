@@ -1,7 +1,10 @@
 """Whole GGUF files written from tiny random HF models, as llama.cpp's converter writes
-them (``convert_hf_to_gguf.py``): its tensor names, the llama Q/K row permutation (not
-for qwen2), its metadata keys, a byte-level BPE tokenizer with its pre-tokenizer type
-and chat template. The ``gguf`` package writes the file; nothing of streamgen's is used.
+them (``convert_hf_to_gguf.py`` and its ``conversion/`` modules, read in the llama.cpp of
+the llama-cpp-python 0.3.36 sdist): its tensor names per family, the Q/K row permutation
+of its Llama converter (llama, granite), Gemma's norms stored as 1 + w, Phi-3's fused
+projections and rope factor tensors, its metadata keys, a byte-level BPE tokenizer with
+its pre-tokenizer type and chat template. The ``gguf`` package writes the file; nothing
+of streamgen's is used.
 """
 
 from __future__ import annotations
@@ -31,15 +34,31 @@ _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3, kept fused
     "self_attn.o_proj": "attn_output",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
+    "mlp.gate_up_proj": "ffn_up",  # Phi-3, kept fused (gate rows first)
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
 }
+# Where a family's norms differ (gguf-py's tensor map for its architecture): the layer
+# output norms of OLMo 2 and Gemma, Gemma's pre-MLP norm.
+_FAMILY_NAMES = {
+    "olmo2": {"post_attention_layernorm": "post_attention_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"},
+    "gemma2": {"post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+}  # fmt: skip
+_FAMILY_NAMES["gemma3"] = _FAMILY_NAMES["gemma2"]
+# Families whose converter stores every norm as 1 + w (Gemma's RMSNorm scales by 1 + w).
+_NORM_PLUS_ONE = frozenset({"gemma2", "gemma3"})
+# Families whose Q / K rows llama.cpp permutes (its LlamaModel converter and subclasses).
+_PERMUTED = frozenset({"llama", "granite"})
 
 
 def train_tokenizer(vocab_size: int = 320) -> Any:
@@ -70,11 +89,15 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def gguf_tensors(model: Any, arch: str) -> dict[str, np.ndarray]:
-    """The HF model's float32 weights under llama.cpp's names, [out, in] numpy order."""
+    """The HF model's float32 weights under llama.cpp's names, [out, in] numpy order,
+    transformed as its converter does for ``arch``."""
     config = model.config
+    names = {**_LAYER_NAMES, **_FAMILY_NAMES.get(arch, {})}
     tensors: dict[str, np.ndarray] = {}
     for name, param in model.state_dict().items():
         values = param.detach().float().numpy().copy()
+        if arch in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+            values = values + 1
         if name == "lm_head.weight":
             if config.tie_word_embeddings:
                 continue
@@ -88,13 +111,51 @@ def gguf_tensors(model: Any, arch: str) -> dict[str, np.ndarray]:
             continue
         _, _, layer, rest = name.split(".", 3)
         module, suffix = rest.rsplit(".", 1)
-        gguf_name = f"blk.{layer}.{_LAYER_NAMES[module]}.{suffix}"
-        if arch == "llama" and module == "self_attn.q_proj":
+        gguf_name = f"blk.{layer}.{names[module]}.{suffix}"
+        if arch in _PERMUTED and module == "self_attn.q_proj":
             values = llama_cpp_permute(values, config.num_attention_heads)
-        elif arch == "llama" and module == "self_attn.k_proj":
+        elif arch in _PERMUTED and module == "self_attn.k_proj":
             values = llama_cpp_permute(values, config.num_key_value_heads)
         tensors[gguf_name] = values
     return tensors
+
+
+def _family_metadata(writer: GGUFWriter, config: Any, arch: str, head_dim: int) -> None:
+    """The keys llama.cpp's converter writes for ``arch`` beyond the Llama ones."""
+    if arch in ("qwen3", "gemma2", "gemma3"):  # a head size of its own
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "granite":
+        writer.add_attention_scale(config.attention_multiplier)
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_logit_scale(config.logits_scaling)
+    if arch == "phi3":
+        rope = config.rope_parameters
+        rotated = int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size) // (
+            config.num_attention_heads
+        )
+        writer.add_rope_dimension_count(rotated)
+        writer.add_rope_scaling_orig_ctx_len(
+            rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        )
+        writer.add_sliding_window(config.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+            writer.add_tensor(
+                "rope_factors_short.weight", np.array(rope["short_factor"], np.float32)
+            )
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+    if arch == "gemma3":
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+        local = config.rope_parameters.get("sliding_attention", {}).get("rope_theta")
+        if local is not None:
+            writer.add_rope_freq_base_swa(local)
 
 
 def write_gguf_from_hf(
@@ -106,8 +167,8 @@ def write_gguf_from_hf(
     weight_type: str = "F32",
     quantize_q4_k: Any = None,
 ) -> Path:
-    """``model`` (a tiny HF Llama / Qwen2 / Qwen3) and ``tokenizer`` as a GGUF file of
-    ``arch``.
+    """``model`` (a tiny HF model of the family ``arch`` names) and ``tokenizer`` as a GGUF
+    file of ``arch``.
 
     Linear weights and embeddings take ``weight_type`` (``F32``, ``Q8_0``, or ``Q4_K``,
     quantized by ``quantize_q4_k`` with Q8_0 for rows 256 does not divide); norms and
@@ -121,10 +182,9 @@ def write_gguf_from_hf(
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if arch == "qwen3":  # llama.cpp's converter writes the head size for Qwen3
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    _family_metadata(writer, config, arch, head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' base
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(0)

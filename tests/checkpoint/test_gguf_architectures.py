@@ -36,17 +36,40 @@ def bpe() -> Any:
     return train_tokenizer()
 
 
-def tiny_config(arch: str, vocab_size: int) -> Any:
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+# Per family, what the tiny model sets beyond the common sizes: each family's own fields,
+# at the values llama.cpp would infer from the file (Gemma: its query scale is 1 /
+# sqrt(head size), Gemma 3 has five sliding layers in six, Gemma 2 every other).
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(tie_word_embeddings=False),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=48),  # a head size of its own (4 x 48 != 256): key_length
+    "granite": dict(attention_multiplier=0.1, embedding_multiplier=3.0,
+                    residual_multiplier=0.4, logits_scaling=2.5, tie_word_embeddings=False),
+    "olmo2": dict(tie_word_embeddings=False),
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, max_position_embeddings=512,
+                 original_max_position_embeddings=128, sliding_window=None,
+                 rope_scaling={"rope_type": "longrope",
+                               "long_factor": [1.0 + 0.1 * i for i in range(16)],
+                               "short_factor": [1.0 + 0.05 * i for i in range(16)]}),
+    "gemma2": dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
+                   num_hidden_layers=6, final_logit_softcapping=3.0,
+                   rope_local_base_freq=10_000.0),
+}  # fmt: skip
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-    # Qwen3: a head size of its own (4 x 48 != 256), read from key_length
-    extra = {"head_dim": 48} if arch == "qwen3" else {}
-    return cls(
+
+def tiny_config(arch: str, vocab_size: int) -> Any:
+    from transformers import AutoConfig
+
+    fields: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-6, tie_word_embeddings=arch != "llama", rope_theta=1e6, **extra,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1e6,
     )  # fmt: skip
+    fields.update(FAMILY_CONFIGS[arch])
+    return AutoConfig.for_model(MODEL_TYPES.get(arch, arch), **fields)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -83,11 +106,12 @@ def forward(loaded: Any, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab]
 def test_dense_logits_equal_hf_on_the_original_weights(hf_and_files: Any) -> None:
     arch, model, files = hf_and_files
     loaded = load_model(files["F32"], quantization=None)
-    assert loaded.spec.model_type == arch
+    assert loaded.spec.model_type == MODEL_TYPES.get(arch, arch)
     assert loaded.spec.qkv_bias == (arch == "qwen2")
-    assert loaded.spec.qk_norm == (arch == "qwen3")
+    assert loaded.spec.qk_norm == (arch in ("qwen3", "olmo2", "gemma3"))
     assert loaded.spec.head_dim == (48 if arch == "qwen3" else 64)
     ids = loaded.tokenizer.encode(PROMPT)
+    assert len(ids) > 8  # past Gemma's 8-token window: the sliding layers matter
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(forward(loaded, ids), expected, atol=1e-4, rtol=0)
@@ -96,16 +120,18 @@ def test_dense_logits_equal_hf_on_the_original_weights(hf_and_files: Any) -> Non
 def test_quantized_file_tracks_its_dense_values(hf_and_files: Any) -> None:
     """Q4_K weights (Q8_0 for the 512-wide down projection) on the int8 path against the
     same file's values dequantized: the only difference left is int8 activation rounding
-    (~0.4% per matmul), compounding over 14 matmuls; the bounds allow about 2x what
-    was measured."""
-    _, _, files = hf_and_files
+    (~0.4% per matmul), compounding over 7 matmuls a layer. Measured max |q - d| over the
+    logits' standard deviation: 0.07-0.15 for the 2-layer models, 0.46 for Gemma 3's 6
+    layers; argmax agreement 0.90-1.0 over the 29-31 positions (2 flips at most; random
+    logits would agree on ~0.3%). The bounds allow about 2x the error per layer."""
+    arch, _, files = hf_and_files
     quantized = load_model(files["Q4_K"], threads=1)
     dense = load_model(files["Q4_K"], quantization=None)
     ids = quantized.tokenizer.encode(PROMPT)
     q, d = forward(quantized, ids), forward(dense, ids)
-    # measured: max |q - d| 0.13 of the logits' standard deviation, 97% agreement
-    assert (q - d).abs().max().item() <= 0.25 * d.std().item()
-    assert (q.argmax(-1) == d.argmax(-1)).float().mean().item() >= 0.9
+    layers = dense.spec.num_layers
+    assert (q - d).abs().max().item() <= 0.25 * (layers / 2) * d.std().item(), arch
+    assert (q.argmax(-1) == d.argmax(-1)).float().mean().item() >= 0.85, arch
 
 
 def test_tokenizer_pre_tokenizes_as_llama_cpp(hf_and_files: Any, bpe: Any) -> None:
@@ -135,7 +161,45 @@ def test_other_architectures_name_the_supported_ones(tmp_path: Path) -> None:
     from gguf_files import tiny_llama_tensors, write_tiny_llama
 
     path = write_tiny_llama(
-        tmp_path / "phi.gguf", tiny_llama_tensors(np.random.default_rng(0)), arch="phi3"
+        tmp_path / "bloom.gguf", tiny_llama_tensors(np.random.default_rng(0)), arch="bloom"
     )
-    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*\['llama', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"'bloom'.*\['gemma2', 'gemma3', 'granite'"):
         load_model(path)
+
+
+def test_layouts_this_reader_does_not_serve_are_typed_errors(
+    hf_and_files: Any, tmp_path: Path
+) -> None:
+    """An OLMo 3 file (olmo2 with sliding windows) and a Phi-3 file with one of its two
+    rope factor tensors are refused before anything is loaded, naming the key / tensor."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from streamgen.errors import ModelLoadError
+
+    arch, _, files = hf_and_files
+    if arch not in ("olmo2", "phi3"):
+        pytest.skip("an olmo2 and a phi3 file")
+    reader = GGUFReader(files["F32"])
+    writer = GGUFWriter(str(tmp_path / "edited.gguf"), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             field.types[-1] if len(field.types) > 1 else None)  # fmt: skip
+    if arch == "olmo2":
+        writer.add_sliding_window(4)
+    for tensor in reader.tensors:
+        if tensor.name == "rope_factors_short.weight":
+            continue  # phi3: the long factors alone
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    error, match = {
+        "olmo2": (UnsupportedModelError, "olmo2.attention.sliding_window"),
+        "phi3": (ModelLoadError, "rope_factors"),
+    }[arch]
+    with pytest.raises(error, match=match):
+        load_model(tmp_path / "edited.gguf")

@@ -1,5 +1,5 @@
 """Convert a GGUF file (``llama``, ``qwen2`` or ``qwen3``) into a Hugging Face checkpoint
-directory.
+directory; write the config and tokenizer of any served GGUF file.
 
 The output directory holds ``config.json``, ``generation_config.json``, the
 tokenizer files and a float32 ``model.safetensors``, laid out as
@@ -66,6 +66,9 @@ _LAYER_TENSOR_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head norms
     "attn_k_norm": "self_attn.k_norm",
 }
+# The architectures whose files convert to HF checkpoints: the Llama tensor layout of the
+# names above. The others are served from the file itself (gguf_model.py).
+CONVERTIBLE = frozenset({"llama", "qwen2", "qwen3"})
 # Derived from the config's rope scaling by transformers; nothing to store.
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
 _LAYER_TENSOR_PATTERN = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -102,6 +105,12 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     reader = open_gguf(gguf_path)
+    architecture = _metadata_value(reader, "general.architecture")
+    if architecture not in CONVERTIBLE:
+        raise UnsupportedModelError(
+            f"{gguf_path.name}: converting {architecture!r} files to HF checkpoints is not "
+            f"supported (only {sorted(CONVERTIBLE)}); serve the file itself"
+        )
     _say(progress, f"converting {gguf_path.name}: config and tokenizer")
     write_config_and_tokenizer(gguf_path, reader, out_dir)
     num_heads, num_kv_heads = head_counts(reader)
@@ -131,21 +140,19 @@ def open_gguf(gguf_path: Path) -> GGUFReader:
 def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Path) -> None:
     """``config.json``, ``generation_config.json`` and the tokenizer files of the GGUF's
     metadata into ``out_dir`` (the tokenizer with llama.cpp's pre-tokenizer restored)."""
-    architecture = _metadata_value(reader, "general.architecture")
+    from streamgen.checkpoint.gguf_file import read_gguf_file
+
+    header = read_gguf_file(gguf_path)
+    architecture = header.metadata.get("general.architecture")
+    arch = gguf_architecture(architecture, gguf_path.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    _write_config(
-        gguf_path,
-        reader,
-        out_dir,
-        gguf_architecture(architecture, gguf_path.name),
-        tie_word_embeddings="output.weight" not in tensor_names,
-    )
+    _write_config(gguf_path, header, out_dir, arch)
     _write_tokenizer(
         gguf_path,
         out_dir,
         pre_type=_metadata_value(reader, "tokenizer.ggml.pre"),
         max_length=_metadata_value(reader, f"{architecture}.context_length"),
+        by_architecture=arch.tokenizer_by_architecture,
     )
 
 
@@ -292,28 +299,40 @@ def _alone(gguf_path: Path) -> Iterator[tuple[str, str]]:
         yield directory, link.name
 
 
-def _write_config(
-    gguf_path: Path,
-    reader: GGUFReader,
-    out_dir: Path,
-    arch: GGUFArchitecture,
-    *,
-    tie_word_embeddings: bool,
-) -> None:
-    """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata."""
-    arch_name = _metadata_value(reader, "general.architecture")
+def _write_config(gguf_path: Path, header: Any, out_dir: Path, arch: GGUFArchitecture) -> None:
+    """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata, by
+    streamgen's table (gguf_config.py): no output.weight means tied embeddings."""
     from transformers import AutoConfig, GenerationConfig
 
-    with _alone(gguf_path) as (directory, name):
-        config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    if config.model_type != arch.model_type:
-        raise UnsupportedModelError(f"GGUF config has model_type {config.model_type!r}")
-    # The file, not transformers' guess, decides: no output.weight means tied; a head size
-    # of its own (key_length: Qwen3), which transformers' GGUF import does not read.
-    config.tie_word_embeddings = tie_word_embeddings
-    key_length = _metadata_value(reader, f"{arch_name}.attention.key_length")
-    if key_length is not None:
-        config.head_dim = int(key_length)
+    from streamgen.checkpoint.gguf_config import config_fields
+
+    name = header.metadata["general.architecture"]
+    for key in arch.refused_keys:
+        if f"{name}.{key}" in header.metadata:
+            raise UnsupportedModelError(
+                f"{gguf_path.name}: {name}.{key} is set: a layout streamgen does not serve"
+            )
+    embed = header.tensors.get("token_embd.weight")
+    if embed is None:
+        raise ModelLoadError(f"{gguf_path.name}: tensor token_embd.weight is missing")
+
+    def read_tensor(tensor: str) -> np.ndarray | None:
+        info = header.tensors.get(tensor)
+        if info is None:
+            return None
+        if info.type_name != "F32":
+            raise ModelLoadError(f"{gguf_path.name}: tensor {tensor} is {info.type_name}, not F32")
+        return np.frombuffer(header.array(tensor), dtype=np.float32).copy()
+
+    fields = config_fields(
+        name, header.metadata, keys=arch.config_keys, fixed=arch.config_fixed,
+        derive=arch.derive, vocab_size=int(embed.shape[-1]),
+        tied="output.weight" not in header.tensors, read_tensor=read_tensor,
+    )  # fmt: skip
+    try:
+        config = AutoConfig.for_model(arch.model_type, **fields)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"{gguf_path.name}: its metadata make no valid config: {err}") from err
     config.architectures = [arch.hf_class]
     config.save_pretrained(out_dir)
     generation = GenerationConfig(
@@ -325,13 +344,21 @@ def _write_config(
 
 
 def _write_tokenizer(
-    gguf_path: Path, out_dir: Path, *, pre_type: str | None, max_length: int | None
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    pre_type: str | None,
+    max_length: int | None,
+    by_architecture: bool,
 ) -> None:
-    """Write the tokenizer files, with llama.cpp's pre-tokenizer restored."""
-    from transformers import AutoTokenizer
+    """Write the tokenizer files, with llama.cpp's pre-tokenizer restored
+    (``by_architecture``: transformers' GGUF import knows the architecture and picks the
+    tokenizer class; else the generic fast tokenizer of the file's vocabulary)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    loader = AutoTokenizer if by_architecture else PreTrainedTokenizerFast
     with _alone(gguf_path) as (directory, name):
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        tokenizer = loader.from_pretrained(directory, gguf_file=name)
     if max_length:
         tokenizer.model_max_length = int(max_length)
     pre_tokenizer = llama_cpp_pre_tokenizer(pre_type)

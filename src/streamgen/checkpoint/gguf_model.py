@@ -33,7 +33,7 @@ from streamgen.checkpoint.gguf_architectures import gguf_architecture
 from streamgen.checkpoint.gguf_file import read_gguf_file
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, Unpacked, packed_weight, unpack
 from streamgen.errors import ModelLoadError, UnsupportedModelError
-from streamgen.model.config import NORM_ROLES
+from streamgen.model.config import ARCHITECTURES, NORM_ROLES
 from streamgen.native.qkernels import PackedWeight
 
 DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
@@ -44,7 +44,14 @@ LAYER_PARTS = {
     "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
     "mlp.down_proj": ("ffn_down",),
 }
-# Per-head q / k norms (ModelSpec.qk_norm): head_dim weights each.
+# Phi-3's converter keeps its fused projections: q/k/v in attn_qkv, gate/up in ffn_up.
+FUSED_LAYER_PARTS = {
+    "self_attn.qkv_proj": ("attn_qkv",),
+    "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_up_proj": ("ffn_up",),
+    "mlp.down_proj": ("ffn_down",),
+}
+# q / k norms (ModelSpec.qk_norm): per head, or over the whole projection (OLMo 2).
 HEAD_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
@@ -85,6 +92,8 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     header = read_gguf_file(path)
     architecture = header.metadata.get("general.architecture")
     arch = gguf_architecture(architecture, path.name)
+    family = ARCHITECTURES[arch.model_type]
+    layer_parts = FUSED_LAYER_PARTS if family.fused_projections else LAYER_PARTS
     def meta_int(key: str, default: int | None = None) -> int:
         value = header.metadata.get(f"{architecture}.{key}", default)
         if value is None:
@@ -107,16 +116,22 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
         )
     # A head size of its own where the file gives one (Qwen3), else hidden / heads.
     head_dim = meta_int("attention.key_length") if key_length is not None else hidden // num_heads
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     expected_out = {
-        "attn_q": num_heads * head_dim,
-        "attn_k": num_kv_heads * head_dim,
-        "attn_v": num_kv_heads * head_dim,
+        "attn_q": q_size,
+        "attn_k": kv_size,
+        "attn_v": kv_size,
+        "attn_qkv": q_size + 2 * kv_size,
         "attn_output": hidden,
         "ffn_gate": inter,
-        "ffn_up": inter,
+        "ffn_up": 2 * inter if family.fused_projections else inter,
         "ffn_down": hidden,
     }
-    expected_in = {"attn_output": num_heads * head_dim, "ffn_down": inter}
+    expected_in = {"attn_output": q_size, "ffn_down": inter}
+    norms = layer_norms(family.qk_norm, family.norm_placement)
+    # q / k norms: per head (Qwen3, Gemma 3), or over the whole projection (OLMo 2)
+    norm_widths = {"attn_q_norm": q_size if family.qk_norm_whole else head_dim,
+                   "attn_k_norm": kv_size if family.qk_norm_whole else head_dim}  # fmt: skip
 
     def tensor(name: str) -> Any:
         if name not in tensors:
@@ -136,13 +151,11 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     if "output.weight" in tensors:
         check_shape("output.weight", (vocab, hidden))
     for i in range(layers):
-        for part, out in expected_out.items():
-            check_shape(f"blk.{i}.{part}.weight", (out, expected_in.get(part, hidden)))
-        for norm in layer_norms(qk_norm=False).values():
-            check_shape(f"blk.{i}.{norm}.weight", (hidden,))
-        if arch.qk_norm:
-            for norm in HEAD_NORMS.values():
-                check_shape(f"blk.{i}.{norm}.weight", (head_dim,))
+        for part in (p for parts in layer_parts.values() for p in parts):
+            shape = (expected_out[part], expected_in.get(part, hidden))
+            check_shape(f"blk.{i}.{part}.weight", shape)
+        for norm in norms.values():
+            check_shape(f"blk.{i}.{norm}.weight", (norm_widths.get(norm, hidden),))
     for t in tensors.values():
         kind = t.type_name
         if kind not in BY_GGML_NAME and kind not in DENSE_TYPES:
@@ -193,7 +206,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
     weights["norm"] = _dense(read("output_norm.weight"))
     rotary = {"attn_q": num_heads, "attn_k": num_kv_heads} if arch.rotary_rows_permuted else {}
     for i in range(layers):
-        for module, parts in LAYER_PARTS.items():
+        for module, parts in layer_parts.items():
             weights[f"layers.{i}.{module}"] = weight(
                 [read(f"blk.{i}.{p}.weight", rotary.get(p, 0)) for p in parts]
             )
@@ -205,7 +218,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
                         for b, p in zip(bias_names, parts, strict=True)
                     ]
                 )
-        for module, norm in layer_norms(arch.qk_norm).items():
+        for module, norm in norms.items():
             weights[f"layers.{i}.{module}"] = _dense(read(f"blk.{i}.{norm}.weight"))
     return GGUFCheckpoint(path, metadata_dir, weights, biases)
 
