@@ -211,6 +211,8 @@ FAMILY_CONFIGS = {  # tiny configs of each family (16-dim heads: the kernels' ti
     "phi3": dict(pad_token_id=0, partial_rotary_factor=0.75),
     "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),  # soft-capped
 }
 
 
@@ -241,18 +243,3 @@ def test_model_families_through_the_triton_backend(tmp_path: Path, family: str) 
             steps.append(runner.forward_logits(ModelBatch([chunk]))[-1])
         rows[name] = torch.stack(steps)
     assert (rows["triton"] - rows["torch"]).abs().max().item() < 1e-4
-
-
-def test_soft_capped_scores_are_a_typed_refusal() -> None:
-    """Gemma 2's attention logit soft-capping is not in the kernels: a typed error at
-    prepare (the engine's auto choice serves such models with the torch reference)."""
-    from dataclasses import replace
-
-    from streamgen.errors import BackendUnavailableError
-
-    metadata = make_metadata(
-        scattered_block_tables([5], BLOCK_SIZE, NUM_BLOCKS, torch.Generator().manual_seed(0)),
-        [5], [5], BLOCK_SIZE,
-    )  # fmt: skip
-    with pytest.raises(BackendUnavailableError, match="soft-capping"):
-        TritonAttentionBackend().prepare(replace(metadata, logit_softcap=50.0))

@@ -35,6 +35,7 @@ def _run(
     seq_lens: list[int] = SEQ_LENS,
     query_lens: list[int] = QUERY_LENS,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     tree_seqs: set[int] | None = None,
     seq_ids: list[int] | None = None,
     query_tile: int | None = None,
@@ -61,6 +62,7 @@ def _run(
         tree_mask=tree_mask,
         k_scale=cache.k_scale,
         v_scale=cache.v_scale,
+        softcap=softcap,
     )
     sentinel = torch.full_like(query, 7.0)
     out = paged_extend_attention(
@@ -110,6 +112,11 @@ def test_tree_mask(device: torch.device, cache_dtype: torch.dtype) -> None:
     # the others keep their causal rows in the same mask.
     error = _run(device, cache_dtype, 4, 2, tree_seqs={2, 4}, query_tile=4)
     assert error <= TOLERANCE[cache_dtype]
+
+
+def test_soft_capped_scores(device: torch.device) -> None:
+    """Gemma 2's cap * tanh(s / cap), with a tree and causal chunks."""
+    assert _run(device, torch.float32, 4, 2, softcap=0.5, tree_seqs={2}) <= TOLERANCE[torch.float32]
 
 
 def test_only_selected_sequences_are_written(device: torch.device) -> None:

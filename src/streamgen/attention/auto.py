@@ -44,11 +44,12 @@ def resolve_backend(
         return name
     device = torch.device(device)
     if device.type != "cpu":
-        if spec.attn_logit_softcap is not None:
-            return "torch"  # soft-capped scores (Gemma 2): the GPU kernels lack them
         from streamgen.attention.registry import default_backend_name
 
-        return default_backend_name(device)
+        chosen = default_backend_name(device)
+        if spec.attn_logit_softcap is not None and chosen == "flash_attn":
+            return "triton"  # soft-capped scores (Gemma 2): the Triton kernels cap them
+        return chosen
     if decoder_params(spec) < MIN_FLEX_DECODER_PARAMS:
         return "torch"
     from streamgen.native import native_kernels

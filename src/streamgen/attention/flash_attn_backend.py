@@ -75,7 +75,7 @@ class FlashAttnBackend(AttentionBackend):
         if metadata.logit_softcap is not None:
             raise BackendUnavailableError(
                 "the flash-attn backend here has no attention logit soft-capping (Gemma 2): "
-                "use attention_backend='torch'"
+                "use attention_backend='triton' (or 'auto', which picks it for such models)"
             )
         self._plan_for = metadata
         self._plan = _make_plan(metadata, self._varlen_takes_block_table)

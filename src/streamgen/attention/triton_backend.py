@@ -99,11 +99,6 @@ class TritonAttentionBackend(AttentionBackend):
                 "the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set "
                 "before streamgen.kernels is first imported"
             )
-        if metadata.logit_softcap is not None:
-            raise BackendUnavailableError(
-                "the triton backend has no attention logit soft-capping (Gemma 2): use "
-                "attention_backend='torch'"
-            )
         self._plan_for = metadata
         self._plan = _make_plan(metadata, self._decode_partition_size)
 
@@ -131,11 +126,11 @@ class TritonAttentionBackend(AttentionBackend):
         plan = self._plan
         assert plan is not None
         kv_scale = self._scale_for(k_cache)
-        window = metadata.sliding_window
+        window, cap = metadata.sliding_window, metadata.logit_softcap
         if plan.all_decodes:
             return paged_decode_attention(
                 query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale,
-                max_seq_len=plan.max_decode_seq_len, sliding_window=window,
+                max_seq_len=plan.max_decode_seq_len, sliding_window=window, softcap=cap,
                 k_scale=kv_scale, v_scale=kv_scale,
                 partition_size=plan.decode_partition_size,
             )  # fmt: skip
@@ -144,7 +139,7 @@ class TritonAttentionBackend(AttentionBackend):
             paged_extend_attention(
                 query, k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
                 metadata.seq_lens, scale,
-                max_query_len=plan.max_extend_query_len, sliding_window=window,
+                max_query_len=plan.max_extend_query_len, sliding_window=window, softcap=cap,
                 tree_mask=metadata.tree_mask, seq_ids=plan.extend_seqs,
                 k_scale=kv_scale, v_scale=kv_scale, out=output,
             )  # fmt: skip
@@ -153,7 +148,7 @@ class TritonAttentionBackend(AttentionBackend):
                 query.index_select(0, plan.decode_rows), k_cache, v_cache,
                 metadata.block_tables.index_select(0, plan.decode_seqs),
                 metadata.seq_lens.index_select(0, plan.decode_seqs), scale,
-                max_seq_len=plan.max_decode_seq_len, sliding_window=window,
+                max_seq_len=plan.max_decode_seq_len, sliding_window=window, softcap=cap,
                 k_scale=kv_scale, v_scale=kv_scale,
                 partition_size=plan.decode_partition_size,
             )  # fmt: skip

@@ -150,6 +150,18 @@ def load_paged_tile(
     return tile
 
 
+LOG2_E = tl.constexpr(1.4426950408889634)  # scores go to exp2 in units of log2(e)
+
+
+@triton.jit
+def soft_cap(scores, cap):  # float32 -> cap * tanh(scores / cap) (Gemma 2's attention scores)
+    """tanh through one exp of a non-positive argument: no overflow at any score."""
+    x = scores / cap
+    t = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - t) / (1.0 + t)
+    return cap * tl.where(x < 0, -magnitude, magnitude)
+
+
 @triton.jit
 def round_to_e4m3(x):  # float32, already clamped to [-448, 448] -> float32 on the e4m3 grid
     """Round to the nearest float8_e4m3fn value (ties to even), in float32.

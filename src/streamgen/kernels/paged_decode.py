@@ -27,6 +27,7 @@ import triton.language as tl
 
 from streamgen.kernels.common import (
     FP8_DTYPE,
+    LOG2_E,
     check_kv_cache,
     check_query,
     default_tile,
@@ -35,6 +36,7 @@ from streamgen.kernels.common import (
     load_paged_tile,
     min_dot_size,
     padded,
+    soft_cap,
 )
 from streamgen.kernels.decode_reduce import decode_reduce
 
@@ -55,6 +57,7 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks]
     seq_lens_ptr,  # [num_seqs]
     scale_log2,  # softmax scale * log2(e)
+    softcap,  # > 0 with HAS_SOFTCAP: scores soft-capped to cap * tanh(s / cap)
     sliding_window,
     stride_query_seq,
     stride_query_head,
@@ -83,6 +86,7 @@ def _paged_decode_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     SINGLE_PARTITION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -125,7 +129,11 @@ def _paged_decode_kernel(
         if IS_FP8:
             keys = keys * k_scale
         scores = tl.dot(query, tl.trans(keys.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # [GROUP, TILE]
+        if HAS_SOFTCAP:  # the cap applies to the scaled scores, before the mask
+            scores = soft_cap(scores * (scale_log2 / LOG2_E), softcap) * LOG2_E
+        else:
+            scores = scores * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))  # [GROUP, TILE]
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
@@ -173,6 +181,7 @@ def paged_decode_attention(
     *,
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32, fp8 caches only
     v_scale: torch.Tensor | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
@@ -208,6 +217,8 @@ def paged_decode_attention(
         )
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1; got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0; got {softcap}")
     output = torch.empty_like(query) if out is None else out
     if num_seqs == 0:
         return output
@@ -239,6 +250,7 @@ def paged_decode_attention(
         block_tables,
         seq_lens,
         scale * math.log2(math.e),
+        softcap or 0.0,
         sliding_window or 0,
         query.stride(0),
         query.stride(1),
@@ -267,6 +279,7 @@ def paged_decode_attention(
         DOT_DTYPE=operand_dtype,
         DOT_PRECISION=dot_precision(operand_dtype),
         HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
         SINGLE_PARTITION=single,
     )
     if not single:

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from streamgen.kernels.common import (
     FP8_DTYPE,
+    LOG2_E,
     check_kv_cache,
     check_query,
     default_tile,
@@ -40,6 +41,7 @@ from streamgen.kernels.common import (
     load_paged_tile,
     min_dot_size,
     padded,
+    soft_cap,
 )
 
 
@@ -57,6 +59,7 @@ def _paged_extend_kernel(
     seq_ids_ptr,  # [num_programs_0] sequences to compute (HAS_SEQ_IDS)
     tree_mask_ptr,  # [num_tokens, max_query_len] uint8 (HAS_TREE_MASK)
     scale_log2,  # softmax scale * log2(e)
+    softcap,  # > 0 with HAS_SOFTCAP: scores soft-capped to cap * tanh(s / cap)
     sliding_window,
     stride_query_token,
     stride_query_head,
@@ -81,6 +84,7 @@ def _paged_extend_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_TREE_MASK: tl.constexpr,
     HAS_SEQ_IDS: tl.constexpr,
 ):
@@ -160,7 +164,11 @@ def _paged_extend_kernel(
             visible = visible & (positions[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
-        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+        if HAS_SOFTCAP:  # the cap applies to the scaled scores, before the mask
+            scores = soft_cap(scores * (scale_log2 / LOG2_E), softcap) * LOG2_E
+        else:
+            scores = scores * scale_log2
+        scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
@@ -198,6 +206,7 @@ def paged_extend_attention(
     *,
     max_query_len: int | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
     seq_ids: torch.Tensor | None = None,  # [num_selected] int, sequences to compute
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32, fp8 caches only
@@ -233,6 +242,8 @@ def paged_extend_attention(
         raise ValueError("tree_mask is not combined with sliding_window")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1; got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0; got {softcap}")
     num_tokens, _, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     device = query.device
@@ -269,6 +280,7 @@ def paged_extend_attention(
         seq_lens if seq_ids is None else seq_ids,
         mask_bytes,
         scale * math.log2(math.e),
+        softcap or 0.0,
         sliding_window or 0,
         query.stride(0),
         query.stride(1),
@@ -293,6 +305,7 @@ def paged_extend_attention(
         DOT_DTYPE=operand_dtype,
         DOT_PRECISION=dot_precision(operand_dtype),
         HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
         HAS_TREE_MASK=tree_mask is not None,
         HAS_SEQ_IDS=seq_ids is not None,
     )

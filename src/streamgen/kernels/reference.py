@@ -82,8 +82,10 @@ def paged_attention_reference(
     tree_mask: torch.Tensor | None = None,  # [num_tokens, max_query_len] bool
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32, fp8 caches only
     v_scale: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] in query.dtype
-    """Attention of every new token over its sequence's paged context.
+    """Attention of every new token over its sequence's paged context (``softcap``: the
+    scaled scores capped to ``cap * tanh(s / cap)`` before the mask, Gemma 2's).
 
     >>> k = torch.randn(4, 2, 1, 8); v = torch.randn(4, 2, 1, 8)   # 4 blocks of 2 slots
     >>> q = torch.randn(3, 2, 8)                                   # 3 new tokens, 2 heads
@@ -118,6 +120,8 @@ def paged_attention_reference(
             None if tree_mask is None else tree_mask[first:last, :query_len],
         )  # [query_len, seq_len]
         scores = torch.einsum("qhd,khd->hqk", query[first:last].float(), keys) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         output[first:last] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
     return output
@@ -134,6 +138,7 @@ def paged_decode_reference(
     sliding_window: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """:func:`paged_attention_reference` with one query token per sequence."""
     query_start_loc = torch.arange(query.shape[0] + 1, device=query.device)
@@ -148,6 +153,7 @@ def paged_decode_reference(
         sliding_window=sliding_window,
         k_scale=k_scale,
         v_scale=v_scale,
+        softcap=softcap,
     )
 
 
