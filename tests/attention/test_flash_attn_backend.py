@@ -3,6 +3,7 @@ the same answers as TorchReferenceBackend (paged and gathered block sizes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -38,8 +39,9 @@ def test_registry_reports_the_same_typed_error() -> None:
 @pytest.mark.parametrize("block_size", [16, 256], ids=["gathered", "paged"])
 @pytest.mark.parametrize("all_decodes", [False, True], ids=["mixed", "decodes"])
 @pytest.mark.parametrize("sliding_window", [None, 100])
+@pytest.mark.parametrize("softcap", [None, 2.0])  # Gemma 2's soft-capped scores
 def test_matches_torch_backend_on_gpu(
-    block_size: int, all_decodes: bool, sliding_window: int | None
+    block_size: int, all_decodes: bool, sliding_window: int | None, softcap: float | None
 ) -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
     from paged_kv_data import make_cache, make_metadata, scattered_block_tables
@@ -57,6 +59,7 @@ def test_matches_torch_backend_on_gpu(
     metadata = make_metadata(
         tables, seq_lens, query_lens, block_size, sliding_window=sliding_window
     )
+    metadata = dataclasses.replace(metadata, logit_softcap=softcap)
     query = torch.randn(metadata.num_tokens, 8, 128, generator=generator)
     query = query.to(torch.bfloat16).to(device)
     outputs = []

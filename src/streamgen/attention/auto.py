@@ -46,10 +46,7 @@ def resolve_backend(
     if device.type != "cpu":
         from streamgen.attention.registry import default_backend_name
 
-        chosen = default_backend_name(device)
-        if spec.attn_logit_softcap is not None and chosen == "flash_attn":
-            return "triton"  # soft-capped scores (Gemma 2): the Triton kernels cap them
-        return chosen
+        return default_backend_name(device)
     if decoder_params(spec) < MIN_FLEX_DECODER_PARAMS:
         return "torch"
     from streamgen.native import native_kernels

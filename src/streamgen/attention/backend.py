@@ -45,8 +45,8 @@ class AttentionMetadata:
     block_size: int
     sliding_window: int | None = None
     # Attention logit soft-capping (Gemma 2): scores = cap * tanh(scores / cap) before the
-    # mask and softmax. Served by the torch reference, the native kernels and the Triton
-    # kernels; flex defers to the reference, flash-attn refuses.
+    # mask and softmax. Served by the torch reference, the native and Triton kernels and
+    # flash-attn (its softcap); flex defers to the reference.
     logit_softcap: float | None = None
     # None: every chunk is causal. Otherwise row t (a new token of sequence b)
     # column j says whether t sees new token j of the same sequence (j indexes

@@ -72,11 +72,6 @@ class FlashAttnBackend(AttentionBackend):
         self._plan: _FlashPlan | None = None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        if metadata.logit_softcap is not None:
-            raise BackendUnavailableError(
-                "the flash-attn backend here has no attention logit soft-capping (Gemma 2): "
-                "use attention_backend='triton' (or 'auto', which picks it for such models)"
-            )
         self._plan_for = metadata
         self._plan = _make_plan(metadata, self._varlen_takes_block_table)
         if metadata.tree_mask is not None:
@@ -107,13 +102,14 @@ class FlashAttnBackend(AttentionBackend):
         plan = self._plan
         assert plan is not None
         window = metadata.sliding_window
+        softcap = metadata.logit_softcap or 0.0  # flash-attn >= 2.6: 0 means none
         # flash-attn windows are inclusive: key j is seen from i iff i - left <= j <= i.
         window_size = (-1, -1) if window is None else (window - 1, 0)
         if plan.paged and plan.all_decodes:
             out = self._with_kvcache(
                 query.unsqueeze(1), k_cache, v_cache,
                 cache_seqlens=plan.seq_lens, block_table=plan.block_tables,
-                softmax_scale=scale, causal=True, window_size=window_size,
+                softmax_scale=scale, causal=True, window_size=window_size, softcap=softcap,
             )  # fmt: skip  # [num_seqs, 1, num_heads, head_dim]
             return out.squeeze(1)
         if plan.paged:
@@ -129,7 +125,8 @@ class FlashAttnBackend(AttentionBackend):
         out = self._varlen(
             query, keys, values, plan.cu_seqlens_q, plan.cu_seqlens_k,
             plan.max_seqlen_q, plan.max_seqlen_k,
-            softmax_scale=scale, causal=True, window_size=window_size, **extra,
+            softmax_scale=scale, causal=True, window_size=window_size, softcap=softcap,
+            **extra,
         )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         return out
