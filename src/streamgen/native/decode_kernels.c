@@ -109,24 +109,27 @@ typedef struct {
     const sg_model *md;
     const float *x;  /* [m, n] (norm) or the gate_up rows [m, 2n] (gated MLP) */
     const void *w;   /* the norm's weight */
-    int64_t m, n, rows_per_task;
+    int64_t m, n, blocks_per_task; /* a task: that many of the m x n / 32 blocks, row-major */
     sg_qact *a;
     sg_quantize_fn quantize;
 } fused_input_job;
 
-static void fused_input_rows(void *ctx, int64_t task) {
+static void fused_input_blocks(void *ctx, int64_t task) {
     const fused_input_job *job = (const fused_input_job *)ctx;
-    const int64_t n = job->n, blocks = n / SG_QBLOCK, r0 = task * job->rows_per_task;
-    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    const int64_t n = job->n, blocks = n / SG_QBLOCK, b0 = task * job->blocks_per_task;
+    const int64_t b1 = b0 + job->blocks_per_task < job->m * blocks ? b0 + job->blocks_per_task
+                                                                   : job->m * blocks;
     sg_qact *a = job->a;
-    for (int64_t r = r0; r < r1; r++) {
+    for (int64_t b = b0; b < b1;) {
+        const int64_t r = b / blocks, end = (r + 1) * blocks < b1 ? (r + 1) * blocks : b1;
         const float *xr = job->kind == FUSE_NORM ? job->x + r * n : job->x + r * 2 * n;
+        /* each task of a row computes its norm whole: the same value in every task */
         const float inv = job->kind == FUSE_NORM
                               ? 1.0f / sqrtf(dot_f32(xr, xr, n) / (float)n + job->md->eps)
                               : 0.0f;
-        for (int64_t blk = 0; blk < blocks; blk++) {
+        for (; b < end; b++) {
+            const int64_t blk = b % blocks, i0 = blk * SG_QBLOCK;
             float v[SG_QBLOCK];
-            const int64_t i0 = blk * SG_QBLOCK;
             if (job->kind == FUSE_NORM)
                 for (int k = 0; k < SG_QBLOCK; k++) v[k] = xr[i0 + k] * inv * load_elem(job->w, job->md->dtype, i0 + k);
             else
@@ -138,15 +141,22 @@ static void fused_input_rows(void *ctx, int64_t task) {
     }
 }
 
-/* a = the quantized input of m rows of n: rows split over the pool for big steps. */
+/* Inputs of fewer values than this are made on the calling thread (a decode's: a pool
+ * call costs more than they do). */
+enum { FUSED_POOL_VALUES = 4096 };
+
+/* a = the quantized input of m rows of n: its blocks split over the pool for big steps
+ * (a draft tree's 8 rows already), which changes no value. */
 static void fused_input(int kind, const sg_model *md, const float *x, const void *w, int64_t m,
                         int64_t n, sg_qact *a) {
     sg_pool *pool = md->qctx->pool;
-    const int64_t tasks = pool && m >= 16 ? sg_pool_threads(pool) * 2 : 1;
-    fused_input_job job = {kind, md, x, w, m, n, (m + tasks - 1) / tasks, a, sg_qctx_quantizer(md->qctx)};
-    const int64_t count = (m + job.rows_per_task - 1) / job.rows_per_task;
-    if (count > 1) sg_pool_run(pool, fused_input_rows, &job, count);
-    else fused_input_rows(&job, 0);
+    const int64_t total = m * (n / SG_QBLOCK);
+    const int64_t tasks = pool && m * n >= FUSED_POOL_VALUES ? sg_pool_threads(pool) * 2 : 1;
+    fused_input_job job = {kind, md, x, w, m, n, (total + tasks - 1) / tasks, a,
+                           sg_qctx_quantizer(md->qctx)};
+    const int64_t count = (total + job.blocks_per_task - 1) / job.blocks_per_task;
+    if (count > 1) sg_pool_run(pool, fused_input_blocks, &job, count);
+    else fused_input_blocks(&job, 0);
     a->m = m, a->in = n, a->pairs = 0;
 }
 
