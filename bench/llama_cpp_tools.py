@@ -72,18 +72,50 @@ def tool(name: str, isa: str = "native") -> Path:
     return path
 
 
+def _vendored_source(work: Path) -> Path:
+    """Download the sdist into ``work`` and unpack it: the llama.cpp tree it vendors."""
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+          f"llama-cpp-python=={VERSION}", "-d", str(work)])  # fmt: skip
+    sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as archive:
+        archive.extractall(work, filter="data")
+    return next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+
+
+# The Python side of llama.cpp: its HF -> GGUF converter and the gguf package it uses.
+CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def converter_dir() -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (with ``conversion/`` and ``gguf-py/``),
+    unpacked from the sdist once into ``$STREAMGEN_HOME/bench/llama.cpp-<version>-convert``."""
+    from streamgen.checkpoint import streamgen_home
+
+    target = streamgen_home() / "bench" / f"llama.cpp-{VERSION}-convert"
+    if (target / CONVERTER_PATHS[0]).is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-convert-") as tmp:
+        source = _vendored_source(Path(tmp))
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in CONVERTER_PATHS:
+            if (source / name).is_dir():
+                shutil.copytree(source / name, staging / name)
+            else:
+                shutil.copy2(source / name, staging / name)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
 def build(isa: str = "native") -> Path:
     """Download the sdist, build TARGETS for ``isa`` (ISA_CMAKE_FLAGS), install them into
     build_dir(isa)."""
     target = build_dir(isa)
     with tempfile.TemporaryDirectory(prefix="llama-cpp-build-") as tmp:
         work = Path(tmp)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-              f"llama-cpp-python=={VERSION}", "-d", str(work)])  # fmt: skip
-        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(sdist) as archive:
-            archive.extractall(work, filter="data")
-        source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        source = _vendored_source(work)
         out = work / "build"
         _run(["cmake", "-S", str(source), "-B", str(out), "-DLLAMA_CURL=OFF",
               "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",

@@ -185,7 +185,8 @@ def write_gguf_from_hf(
     _family_metadata(writer, config, arch, head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
     rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' base
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    if arch != "gemma2":  # its converter writes no rope base: llama.cpp assumes 10,000
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(0)
     vocab = tokenizer.get_vocab()
@@ -220,3 +221,40 @@ def write_gguf_from_hf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Per family, what the tiny model sets beyond the common sizes: each family's own fields,
+# at the values llama.cpp would infer from the file (Gemma: its query scale is 1 /
+# sqrt(head size), Gemma 3 has five sliding layers in six, Gemma 2 every other and a
+# rope base of 10,000: its converter writes none).
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(tie_word_embeddings=False),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=48),  # a head size of its own (4 x 48 != 256): key_length
+    "granite": dict(attention_multiplier=0.1, embedding_multiplier=3.0,
+                    residual_multiplier=0.4, logits_scaling=2.5, tie_word_embeddings=False),
+    "olmo2": dict(tie_word_embeddings=False),
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, max_position_embeddings=512,
+                 original_max_position_embeddings=128, sliding_window=None,
+                 rope_scaling={"rope_type": "longrope",
+                               "long_factor": [1.0 + 0.1 * i for i in range(16)],
+                               "short_factor": [1.0 + 0.05 * i for i in range(16)]}),
+    "gemma2": dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8, rope_theta=1e4,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
+                   num_hidden_layers=6, final_logit_softcapping=3.0,
+                   rope_local_base_freq=10_000.0),
+}  # fmt: skip
+MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def tiny_config(arch: str, vocab_size: int) -> Any:
+    from transformers import AutoConfig
+
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1e6,
+    )  # fmt: skip
+    fields.update(FAMILY_CONFIGS[arch])
+    return AutoConfig.for_model(MODEL_TYPES.get(arch, arch), **fields)
