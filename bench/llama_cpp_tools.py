@@ -82,17 +82,19 @@ def _vendored_source(work: Path) -> Path:
     return next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
 
 
-# The Python side of llama.cpp: its HF -> GGUF converter and the gguf package it uses.
-CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+# The Python side of llama.cpp: its HF -> GGUF converter and the gguf package it uses,
+# and the models' chat templates it keeps (tests/engine/test_family_chat_templates.py).
+CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "models/templates")
 
 
 def converter_dir() -> Path:
-    """llama.cpp's own ``convert_hf_to_gguf.py`` (with ``conversion/`` and ``gguf-py/``),
-    unpacked from the sdist once into ``$STREAMGEN_HOME/bench/llama.cpp-<version>-convert``."""
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (with ``conversion/``, ``gguf-py/`` and
+    ``models/templates/``), unpacked from the sdist once into
+    ``$STREAMGEN_HOME/bench/llama.cpp-<version>-convert``."""
     from streamgen.checkpoint import streamgen_home
 
     target = streamgen_home() / "bench" / f"llama.cpp-{VERSION}-convert"
-    if (target / CONVERTER_PATHS[0]).is_file():
+    if all((target / name).exists() for name in CONVERTER_PATHS):
         return target
     with tempfile.TemporaryDirectory(prefix="llama-cpp-convert-") as tmp:
         source = _vendored_source(Path(tmp))
@@ -100,6 +102,7 @@ def converter_dir() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for name in CONVERTER_PATHS:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             if (source / name).is_dir():
                 shutil.copytree(source / name, staging / name)
             else:

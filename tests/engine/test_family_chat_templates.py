@@ -1,5 +1,7 @@
-"""The model families' own chat templates (``chat_templates/``, verbatim from their
-repositories) render through the engine as each model card documents its prompt format:
+"""The model families' own chat templates (as their repositories ship them; read from
+the copies llama.cpp keeps in ``models/templates/``, unpacked from the llama-cpp-python
+0.3.36 sdist by ``bench.llama_cpp_tools.converter_dir``, once per machine) render
+through the engine as each model card documents its prompt format:
 system prompts, Gemma 2's refusal of them (a typed error at the call, nothing queued),
 Qwen3's ``enable_thinking`` switch, and the same text as transformers'
 ``apply_chat_template`` on the same tokenizer."""
@@ -14,7 +16,6 @@ import pytest
 from streamgen import Engine, EngineConfig, InvalidPromptError, SamplingParams
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_model]
-TEMPLATES = Path(__file__).parent / "chat_templates"
 SYSTEM_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "Bye"}]  # fmt: skip
@@ -43,15 +44,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="module")
+def templates() -> Path:
+    from bench.llama_cpp_tools import converter_dir
+
+    return converter_dir() / "models" / "templates"
+
+
 def engine(model_dir: Path) -> Any:  # the default model (model_dir: its fixture built it)
     return Engine(None, EngineConfig(max_model_len=256, kv_cache_bytes=16 << 20))
 
 
-async def test_family_templates_render_their_documented_prompts(default_model_dir: Path) -> None:
+async def test_family_templates_render_their_documented_prompts(
+    default_model_dir: Path, templates: Path
+) -> None:
     async with engine(default_model_dir) as running:
         tokenizer = running.tokenizer
         for case, (name, messages, kwargs, documented) in CASES.items():
-            tokenizer.chat_template = (TEMPLATES / name).read_text()
+            tokenizer.chat_template = (templates / name).read_text()
             ids = running.tokenize(messages, **kwargs)
             expected = documented.format(bos=tokenizer.bos_token)
             assert tokenizer.decode(ids) == expected, case
@@ -61,11 +71,13 @@ async def test_family_templates_render_their_documented_prompts(default_model_di
             assert reference == expected, case
 
 
-async def test_gemma2_refuses_a_system_prompt_at_the_call(default_model_dir: Path) -> None:
+async def test_gemma2_refuses_a_system_prompt_at_the_call(
+    default_model_dir: Path, templates: Path
+) -> None:
     """Gemma 2's template raises on a system message: the engine's typed error, raised
     by stream() itself, with the template's words; nothing is queued."""
     async with engine(default_model_dir) as running:
-        running.tokenizer.chat_template = (TEMPLATES / "google-gemma-2-2b-it.jinja").read_text()
+        running.tokenizer.chat_template = (templates / "google-gemma-2-2b-it.jinja").read_text()
         with pytest.raises(InvalidPromptError, match="System role not supported"):
             running.stream(SYSTEM_CHAT)
         stats = running.stats()
