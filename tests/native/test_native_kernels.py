@@ -79,9 +79,9 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path
 
 
-def _runner(checkpoint: Path, dtype: str) -> ModelRunner:
+def _runner(checkpoint: Path, dtype: str, kv_dtype: torch.dtype | None = None) -> ModelRunner:
     loaded = load_model(checkpoint, dtype=dtype, load_tokenizer=False)
-    return ModelRunner(loaded, KVCacheConfig(block_size=BLOCK_SIZE, num_blocks=48))
+    return ModelRunner(loaded, KVCacheConfig(block_size=BLOCK_SIZE, num_blocks=48, dtype=kv_dtype))
 
 
 def _prefill(runner: ModelRunner, prompts: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -156,6 +156,31 @@ def test_mixed_small_step_matches_torch_path(
 
 
 @needs_native
+def test_float16_kv_cache_is_written_and_read_as_torch_does(
+    checkpoint: Path, kernels: NativeKernels
+) -> None:
+    """A float16 KV cache (a quantized model's default): the native step writes each
+    K / V entry rounded to nearest float16 and reads it back widened. The torch path's
+    K / V differ from the native step's in their last float32 bits, so after the same
+    step the two caches agree entry for entry but for rare ties a float16 step or two
+    apart (truncation would differ on about half). Logits within 1e-3 of the torch path: a tie that rounds the
+    other way moves one of the step's own K / V entries by 2^-11 of itself (measured:
+    2e-4)."""
+    runner = _runner(checkpoint, "float32", torch.float16)
+    assert runner.kv_cache.dtype == torch.float16
+    decoder = NativeDecoder(runner.loaded.model, kernels)
+    native = _mixed_step_logits(runner, decoder, with_tree=False)
+    written = [(k.clone(), v.clone()) for k, v in runner.kv_cache.layers]
+    reference = _mixed_step_logits(runner, None, with_tree=False)
+    assert (native - reference).abs().max() < 1e-3
+    ours = torch.cat([t.flatten() for pair in written for t in pair]).float()
+    theirs = torch.cat([t.flatten() for pair in runner.kv_cache.layers for t in pair]).float()
+    # a few float16 steps at most: later layers' K / V carry the earlier layers' ties
+    torch.testing.assert_close(ours, theirs, rtol=2**-8, atol=1e-4)
+    assert (ours != theirs).float().mean() < 0.01
+
+
+@needs_native
 def test_native_decoder_takes_only_small_steps(checkpoint: Path) -> None:
     runner = _runner(checkpoint, "float32")
     decoder = runner.loaded.model.native_decoder
@@ -168,7 +193,9 @@ def test_native_decoder_takes_only_small_steps(checkpoint: Path) -> None:
     prefill = runner.prepare(ModelBatch([SequenceChunk("a", [5] * 33, 0, [0, 1, 2])])).metadata
     assert not decoder.accepts(prefill, 33, caches)  # above MAX_NATIVE_ROWS: torch's matmuls
     half = [(k.half(), v.half()) for k, v in caches]
-    assert not decoder.accepts(decode, 1, half)  # a cache of another dtype
+    assert decoder.accepts(decode, 1, half)  # float16 caches: a quantized model's default
+    wide = [(k.double(), v.double()) for k, v in caches]
+    assert not decoder.accepts(decode, 1, wide)  # a cache dtype the kernels do not read
 
 
 # ----- building ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from streamgen.attention.backend import AttentionBackend, AttentionMetadata
 from streamgen.attention.sub_batch import SubBatch, attend_sub_batch, sub_batch
 from streamgen.attention.torch_ref import SHORT_CHUNK, TorchReferenceBackend
 from streamgen.native.build import NativeUnavailableError
-from streamgen.native.kernels import NativeKernels, NativeModel, dtype_code, native_kernels
+from streamgen.native.kernels import NativeKernels, NativeModel, kv_dtype_code, native_kernels
 from streamgen.native.qkernels import Isa, attention_table
 
 
@@ -91,7 +91,7 @@ class NativeAttentionBackend(AttentionBackend):
         if self._plan_for is not metadata:
             self.prepare(metadata)
         plan = self._plan
-        code = dtype_code(k_cache.dtype)
+        code = kv_dtype_code(k_cache.dtype)
         if plan is None or code is None or query.device.type != "cpu":
             return self.reference.attend(query, k_cache, v_cache, metadata, scale)
         if plan.reference is None:
@@ -146,8 +146,8 @@ class NativeAttentionBackend(AttentionBackend):
         if struct is None:
             struct = NativeModel(
                 num_heads * head_dim, num_heads * head_dim, num_kv_heads * head_dim, 0,
-                num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, code, 1.0,
-                None, 0, 0, head_dim, 1, self.table, softcap,
+                num_heads, num_kv_heads, head_dim, block_size, window, 0.0, scale, 0, 1.0,
+                None, 0, 0, head_dim, 1, self.table, softcap, code,
             )  # fmt: skip
             self._structs[key] = struct
         return struct

@@ -57,6 +57,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the linear layers hold packed quantized weights (the int8 kernels)."""
+        return any(getattr(m, "packed", None) is not None for m in self.model.modules())
+
 
 def load_model(
     path: str | Path | None = None,

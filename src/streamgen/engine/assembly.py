@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamgen.attention.auto import resolve_backend
-from streamgen.checkpoint.loader import LoadedModel
+from streamgen.checkpoint.loader import LoadedModel, resolve_dtype
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore, StepEvents
 from streamgen.errors import ConfigError
@@ -36,7 +36,12 @@ def build_core(
     """The core of an engine serving ``loaded`` under ``cfg`` (not started)."""
     runner = ModelRunner(
         loaded,
-        KVCacheConfig(cfg.block_size, cfg.num_kv_blocks, cfg.kv_cache_bytes),
+        KVCacheConfig(
+            cfg.block_size,
+            cfg.num_kv_blocks,
+            cfg.kv_cache_bytes,
+            None if cfg.kv_cache_dtype is None else resolve_dtype(cfg.kv_cache_dtype),
+        ),
         backend=resolve_backend(cfg.attention_backend, loaded.spec, loaded.device),
         sampler=Sampler(seed=cfg.seed, eos_token_ids=loaded.spec.eos_token_ids),
         num_host_blocks=cfg.num_host_blocks,
@@ -102,6 +107,7 @@ def engine_stats(core: EngineCore, *, healthy: bool) -> dict[str, Any]:
         "kv_blocks_free": blocks.num_free_blocks,
         "kv_blocks_used": blocks.num_used_blocks,
         "kv_blocks_cached": blocks.num_cached_blocks,
+        "kv_cache_dtype": str(core.runner.kv_cache.dtype).removeprefix("torch."),
         "steps": core.num_steps,
         # Where a step's time goes: the model's forward + LM head (kernel_s) and the
         # host work around it (scheduling, input prep, sampling, text, delivery).

@@ -42,6 +42,10 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
     kv_cache_bytes: int = 512 << 20
+    # the KV cache's elements: "float32", "bfloat16" or "float16"; None: float16 for a
+    # quantized model (llama.cpp's default; half the bytes every step's attention reads),
+    # else the model's dtype
+    kv_cache_dtype: str | None = None
     num_host_blocks: int = 0  # host pool for swap preemption
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512
@@ -82,6 +86,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be None or a positive int, got {opt!r}")
         if str(self.dtype).removeprefix("torch.") not in _DTYPES:  # a name or a torch dtype
             raise ConfigError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        kv = self.kv_cache_dtype
+        if kv is not None and str(kv).removeprefix("torch.") not in _DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be None or one of {list(_DTYPES)}, got {kv!r}")
         from streamgen.attention.registry import available_backends
 
         backends = ("auto", *available_backends())

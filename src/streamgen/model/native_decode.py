@@ -39,6 +39,7 @@ from streamgen.native.kernels import (
     NativeLayer,
     NativeModel,
     dtype_code,
+    kv_dtype_code,
     native_linear,
     ptr,
 )
@@ -69,7 +70,7 @@ class NativeDecoder:
             spec.residual_scale,
             _quant_context(model), ACTIVATION_CODES[spec.hidden_act], int(spec.qk_norm_whole),
             rotary_dim(spec.rope, spec.head_dim), 1, _attention_table(model),
-            spec.attn_logit_softcap or 0.0,
+            spec.attn_logit_softcap or 0.0, code,  # kv_dtype: set from the caches per step
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
@@ -99,14 +100,15 @@ class NativeDecoder:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> bool:
         """Whether this step is small (at most ``MAX_NATIVE_ROWS`` new tokens; any size for
-        a quantized model) and its caches are contiguous, of the model's dtype."""
+        a quantized model) and its caches are contiguous CPU tensors the kernels read
+        (float32, bfloat16 or float16)."""
         k_cache = kv_caches[0][0]
         windowed = metadata.sliding_window is not None or self.model.spec.local_window is not None
         return (
             num_tokens > 0
             and (self.max_rows is None or num_tokens <= self.max_rows)
             and (metadata.tree_mask is None or not windowed)
-            and k_cache.dtype == self.dtype
+            and kv_dtype_code(k_cache.dtype) is not None
             and k_cache.device.type == "cpu"
             and k_cache.is_contiguous()
         )
@@ -129,6 +131,9 @@ class NativeDecoder:
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")
         out = torch.empty_like(x)
         self.struct.block_size = kv_caches[0][0].shape[1]
+        kv_code = kv_dtype_code(kv_caches[0][0].dtype)
+        assert kv_code is not None  # accepts() checked it
+        self.struct.kv_dtype = kv_code
         tree = metadata.tree_mask
         self.kernels.forward_layers(
             self.struct, layers, num_layers, x, cos, sin, local,

@@ -39,7 +39,8 @@ static inline int visible(int64_t window, const sg_step *st, int64_t row, int64_
 }
 
 /* One KV head's vectors of the count keys of a block (elements from off): the cache
- * itself with its row stride (float32), or their widened copy in buf, stride D (bf16). */
+ * itself with its row stride (float32), or their widened copy in buf, stride D (bf16,
+ * f16). */
 static inline const float *head_block(const void *cache, int32_t dt, int64_t off, int64_t count,
                                       int64_t row_elems, int64_t D, float *buf, int64_t *stride) {
     if (dt == SG_F32) {
@@ -102,7 +103,7 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     const sg_step *st = a->st;
     const int64_t D = md->head_dim, KVH = md->num_kv_heads, group = md->num_heads / KVH;
     const int64_t bs = md->block_size, row_elems = KVH * D, head_off = kvh * D;
-    const int32_t dt = md->dtype;
+    const int32_t dt = md->kv_dtype;
     const int64_t seq_first = st->query_start[b], seq_q_len = st->query_start[b + 1] - seq_first;
     const int64_t n = st->seq_lens[b], prefix = n - seq_q_len;
     const int64_t *table = st->block_tables + b * st->bt_stride;
@@ -275,9 +276,9 @@ int sg_check_step(const sg_model *md, int64_t m, int64_t num_seqs, const int64_t
 /* Paged attention of a step whose queries are already rotated and whose K/V are already
  * in the cache (the torch path's attention for decodes, short chunks and draft trees):
  *   q [m, num_heads * head_dim] float32, out [m, num_heads * head_dim] float32,
- *   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (md->dtype),
+ *   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (md->kv_dtype),
  *   the rest as in sg_forward_layers. Reads md's heads, head_dim, block_size, window,
- *   scale and dtype only.
+ *   scale, softcap, attention table, kv_dtype and qctx only.
  */
 int sg_paged_attention(const sg_model *md, const void *k_cache, const void *v_cache,
                        const float *q, int64_t m, int64_t num_seqs, const int64_t *query_start,

@@ -10,6 +10,7 @@ load a half-written library.
 Two kinds of sources go into the one library:
 
 * ``DENSE_SOURCES`` (the dense small-step kernels and attention) are compiled with AVX2 + FMA
+  (+ F16C)
   where torch reports an AVX2 (or AVX-512) CPU, scalar elsewhere;
 * the quantized core (``QUANT_SOURCES``) is compiled with no ISA flags at all: each
   of its ISA files sets its own ``#pragma GCC target`` and the kernels are chosen at
@@ -65,7 +66,7 @@ def compile_flags(cpu_capability: str) -> list[str]:
     """gcc/clang flags for a torch CPU capability string (``"AVX2"``, ``"AVX512"``, ...)."""
     flags = ["-O3", "-std=c11", "-fPIC", "-fno-math-errno"]
     if cpu_capability.upper().startswith(("AVX2", "AVX512")):
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # every AVX2 CPU has F16C (f16 KV caches)
     return flags
 
 

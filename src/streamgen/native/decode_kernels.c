@@ -215,8 +215,8 @@ static int attention(const sg_model *md, const sg_layer *ly, const sg_step *st, 
         for (int64_t h = 0; h < KVH; h++) rope_head(k + h * D, cb, sb, half);
         const int64_t base = st->slots[r] * KVH * D;
         for (int64_t i = 0; i < KVH * D; i++) {
-            store_elem(ly->k_cache, md->dtype, base + i, k[i]);
-            store_elem(ly->v_cache, md->dtype, base + i, v[i]);
+            store_elem(ly->k_cache, md->kv_dtype, base + i, k[i]);
+            store_elem(ly->v_cache, md->kv_dtype, base + i, v[i]);
         }
     }
     return sg_attend(md, ly->window, ly->k_cache, ly->v_cache, st, qkv, row, out, md->q_size);

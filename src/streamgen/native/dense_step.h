@@ -4,7 +4,7 @@
  *
  * Layouts (row-major, contiguous):
  *   linear weight   [out, in]   (the loader keeps this layout where the kernels are used)
- *   KV cache        [num_blocks, block_size, num_kv_heads, head_dim]
+ *   KV cache        [num_blocks, block_size, num_kv_heads, head_dim] (sg_model.kv_dtype)
  *   block_tables    [num_seqs, bt_stride] int64
  */
 #ifndef SG_DENSE_STEP_H
@@ -14,7 +14,8 @@
 
 #include "quant_layout.h"
 
-enum { SG_F32 = 0, SG_BF16 = 1, SG_QUANT = 2 }; /* SG_QUANT: weight is an sg_qparts */
+/* Element types. SG_QUANT: a linear's weight is an sg_qparts; SG_F16: KV caches only. */
+enum { SG_F32 = 0, SG_BF16 = 1, SG_QUANT = 2, SG_F16 = 3 };
 enum { SG_OK = 0, SG_ENOMEM = -1, SG_EINVAL = -2 };
 enum { ATTEND_ROWS = 32 };
 /* Attention's inner loops (attention_kernels.h): the build's own (AVX2 or scalar), AVX-512. */
@@ -53,7 +54,7 @@ typedef struct {
     int64_t window; /* sg_paged_attention's sliding window (0: none); a step's layers
                      * carry their own (sg_layer.window) */
     float eps, scale;
-    int32_t dtype; /* norm weights and KV cache */
+    int32_t dtype; /* norm weights */
     float residual_scale; /* x += residual_scale * branch (Granite; 1 elsewhere) */
     const sg_qctx *qctx; /* a quantized model's kernel context (its pool); NULL: serial */
     int32_t activation;    /* SG_ACT_SILU or SG_ACT_GELU_TANH */
@@ -63,7 +64,7 @@ typedef struct {
                             * same values as quantizing the finished rows, 0; tests compare) */
     int32_t attention_kernels; /* enum sg_attend_table: attention's inner loops */
     float attn_softcap;        /* > 0: scores soft-capped to cap * tanh(s / cap) (Gemma 2) */
-    int32_t _pad;
+    int32_t kv_dtype;          /* the KV cache's elements: SG_F32, SG_BF16 or SG_F16 */
 } sg_model;
 
 /* The rows of one step (see sg_forward_layers for the arguments). */

@@ -17,6 +17,8 @@ from streamgen.native.build import NativeUnavailableError, load_library
 logger = logging.getLogger(__name__)
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# KV caches may also hold float16 (SG_F16): a quantized model's default (runner/kv_cache.py).
+_KV_DTYPE_CODES = {**_DTYPE_CODES, torch.float16: 3}
 QUANT_DTYPE_CODE = 2  # SG_QUANT: the linear's weight is an sg_qparts (model/quantized.py)
 
 # Rows per step up to which the native kernels beat torch's matmuls (see native_decode.py).
@@ -77,7 +79,7 @@ class NativeModel(ctypes.Structure):
         ("fuse_inputs", ctypes.c_int32),
         ("attention_kernels", ctypes.c_int32),  # attention's inner loops: attention_table()
         ("attn_softcap", ctypes.c_float),  # > 0: scores soft-capped (Gemma 2); 0: none
-        ("_pad", ctypes.c_int32),
+        ("kv_dtype", ctypes.c_int32),  # the KV cache's elements: kv_dtype_code()
     ]
 
 
@@ -88,6 +90,11 @@ ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
 def dtype_code(dtype: torch.dtype) -> int | None:
     """The kernels' code for a tensor dtype, or None where they have no kernel for it."""
     return _DTYPE_CODES.get(dtype)
+
+
+def kv_dtype_code(dtype: torch.dtype) -> int | None:
+    """The kernels' code for a KV cache's dtype (float32, bfloat16, float16), or None."""
+    return _KV_DTYPE_CODES.get(dtype)
 
 
 def ptr(tensor: torch.Tensor | None) -> int | None:

@@ -19,6 +19,12 @@
 #else
 #define SG_AVX2 0
 #endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#define SG_F16C 1
+#else
+#define SG_F16C 0
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -35,13 +41,67 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* IEEE half <-> float32, round to nearest even (F16C where built for it, else the same
+ * arithmetic in integers: subnormals, infinities and NaN included). */
+static inline float f16_to_f32(uint16_t h) {
+#if SG_F16C
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { m <<= 1; e++; } while (!(m & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+static inline uint16_t f32_to_f16(float f) {
+#if SG_F16C
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u; /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* rounds to infinity */
+    if (a < 0x38800000u) { /* subnormal or zero: the value times 2^24, rounded */
+        if (a < 0x33000000u) return sign; /* below half the smallest subnormal */
+        const uint32_t m = (a & 0x7fffffu) | 0x800000u, shift = 126u - (a >> 23);
+        uint32_t q = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1u))) q++;
+        return sign | (uint16_t)q;
+    }
+    uint32_t q = a - 0x38000000u; /* rebias the exponent: 127 - 15 = 112 */
+    q += 0xfffu + ((q >> 13) & 1u);
+    return sign | (uint16_t)(q >> 13);
+#endif
+}
+
 static inline float load_elem(const void *p, int32_t dtype, int64_t i) {
-    return dtype == SG_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    if (dtype == SG_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dtype == SG_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
 }
 
 static inline void store_elem(void *p, int32_t dtype, int64_t i, float v) {
     if (dtype == SG_BF16)
         ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else if (dtype == SG_F16)
+        ((uint16_t *)p)[i] = f32_to_f16(v);
     else
         ((float *)p)[i] = v;
 }
@@ -54,6 +114,13 @@ static inline void load_row(const void *src, int32_t dtype, int64_t n, float *ds
     }
     const uint16_t *s = (const uint16_t *)src;
     int64_t i = 0;
+    if (dtype == SG_F16) {
+#if SG_F16C
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+        for (; i < n; i++) dst[i] = f16_to_f32(s[i]);
+        return;
+    }
 #if SG_AVX2
     for (; i + 8 <= n; i += 8) {
         __m128i h = _mm_loadu_si128((const __m128i *)(s + i));

@@ -19,7 +19,7 @@ from streamgen.checkpoint.loader import LoadedModel
 from streamgen.runner.batch import ModelBatch, RunnerOutput, SequenceChunk
 from streamgen.runner.cuda_graph import CudaGraphConfig, CudaGraphRunner, reserve_graph_memory
 from streamgen.runner.input_prep import StepInputs, prepare_inputs
-from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache, copy_blocks
+from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache, copy_blocks, default_kv_dtype
 from streamgen.runner.sampler import Sampler
 from streamgen.spec.verify import accepted_kv_moves, move_kv, verify_trees
 
@@ -49,6 +49,9 @@ class ModelRunner:
             kv_config = reserve_graph_memory(
                 kv_config, loaded.spec, cuda_graphs, loaded.dtype, self.device
             )
+        if kv_config.dtype is None:
+            dtype = default_kv_dtype(loaded.dtype, loaded.quantized)
+            kv_config = dataclasses.replace(kv_config, dtype=dtype)
         self.kv_cache = PagedKVCache(loaded.spec, kv_config, loaded.dtype, self.device)
         # Host-memory pool for swap preemption (same layout as the device cache).
         host_config = KVCacheConfig(
