@@ -163,9 +163,9 @@ def test_float16_kv_cache_is_written_and_read_as_torch_does(
     K / V entry rounded to nearest float16 and reads it back widened. The torch path's
     K / V differ from the native step's in their last float32 bits, so after the same
     step the two caches agree entry for entry but for rare ties a float16 step or two
-    apart (truncation would differ on about half). Logits within 1e-3 of the torch path: a tie that rounds the
-    other way moves one of the step's own K / V entries by 2^-11 of itself (measured:
-    2e-4)."""
+    apart (truncation would differ on about half). Logits within 1e-3 of the torch
+    path: a tie that rounds the other way moves one of the step's own K / V entries by
+    2^-11 of itself (measured: 2e-4)."""
     runner = _runner(checkpoint, "float32", torch.float16)
     assert runner.kv_cache.dtype == torch.float16
     decoder = NativeDecoder(runner.loaded.model, kernels)

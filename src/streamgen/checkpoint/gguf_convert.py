@@ -42,6 +42,7 @@ from tokenizers import pre_tokenizers
 from tqdm import tqdm
 
 from streamgen.checkpoint.gguf_architectures import GGUFArchitecture, gguf_architecture
+from streamgen.checkpoint.gguf_file import GGUFFile, read_gguf_file
 from streamgen.errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
             f"supported (only {sorted(CONVERTIBLE)}); serve the file itself"
         )
     _say(progress, f"converting {gguf_path.name}: config and tokenizer")
-    write_config_and_tokenizer(gguf_path, reader, out_dir)
+    write_config_and_tokenizer(gguf_path, read_gguf_file(gguf_path), out_dir)
     num_heads, num_kv_heads = head_counts(reader)
     arch = gguf_architecture(_metadata_value(reader, "general.architecture"), gguf_path.name)
     if not arch.rotary_rows_permuted:
@@ -137,12 +138,10 @@ def open_gguf(gguf_path: Path) -> GGUFReader:
     return reader
 
 
-def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Path) -> None:
+def write_config_and_tokenizer(gguf_path: Path, header: GGUFFile, out_dir: Path) -> None:
     """``config.json``, ``generation_config.json`` and the tokenizer files of the GGUF's
-    metadata into ``out_dir`` (the tokenizer with llama.cpp's pre-tokenizer restored)."""
-    from streamgen.checkpoint.gguf_file import read_gguf_file
-
-    header = read_gguf_file(gguf_path)
+    metadata (``header``: the file's, already read and checked) into ``out_dir`` (the
+    tokenizer with llama.cpp's pre-tokenizer restored)."""
     architecture = header.metadata.get("general.architecture")
     arch = gguf_architecture(architecture, gguf_path.name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +149,8 @@ def write_config_and_tokenizer(gguf_path: Path, reader: GGUFReader, out_dir: Pat
     _write_tokenizer(
         gguf_path,
         out_dir,
-        pre_type=_metadata_value(reader, "tokenizer.ggml.pre"),
-        max_length=_metadata_value(reader, f"{architecture}.context_length"),
+        pre_type=header.metadata.get("tokenizer.ggml.pre"),
+        max_length=header.metadata.get(f"{architecture}.context_length"),
         by_architecture=arch.tokenizer_by_architecture,
     )
 
@@ -299,7 +298,9 @@ def _alone(gguf_path: Path) -> Iterator[tuple[str, str]]:
         yield directory, link.name
 
 
-def _write_config(gguf_path: Path, header: Any, out_dir: Path, arch: GGUFArchitecture) -> None:
+def _write_config(
+    gguf_path: Path, header: GGUFFile, out_dir: Path, arch: GGUFArchitecture
+) -> None:
     """Write ``config.json`` and ``generation_config.json`` from the GGUF metadata, by
     streamgen's table (gguf_config.py): no output.weight means tied embeddings."""
     from transformers import AutoConfig, GenerationConfig

@@ -30,7 +30,7 @@ import torch
 
 from streamgen.checkpoint.cache import streamgen_home
 from streamgen.checkpoint.gguf_architectures import gguf_architecture
-from streamgen.checkpoint.gguf_file import read_gguf_file
+from streamgen.checkpoint.gguf_file import GGUFFile, read_gguf_file
 from streamgen.checkpoint.gguf_quants import BY_GGML_NAME, Unpacked, packed_weight, unpack
 from streamgen.errors import ModelLoadError, UnsupportedModelError
 from streamgen.model.config import ARCHITECTURES, NORM_ROLES
@@ -167,7 +167,7 @@ def read_gguf(path: Path, *, dense: bool = False) -> GGUFCheckpoint:
             raise UnsupportedModelError(f"{path.name}: tensor {t.name} is quantized ({kind})")
 
     # Pass 2: the config and tokenizer (written once), then repack.
-    metadata_dir = _metadata_dir(path)
+    metadata_dir = _metadata_dir(path, header)
 
     def read(name: str, rotary_heads: int = 0) -> Unpacked | np.ndarray:
         t = tensor(name)
@@ -228,8 +228,8 @@ def _dense(value: Unpacked | np.ndarray) -> torch.Tensor:  # norms and biases (c
     return torch.from_numpy(np.array(value, dtype=np.float32))
 
 
-def _metadata_dir(path: Path) -> Path:
-    from streamgen.checkpoint.gguf_convert import open_gguf, write_config_and_tokenizer
+def _metadata_dir(path: Path, header: GGUFFile) -> Path:
+    from streamgen.checkpoint.gguf_convert import write_config_and_tokenizer
 
     stat = path.stat()
     key = hashlib.sha256(
@@ -241,7 +241,7 @@ def _metadata_dir(path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
     try:
-        write_config_and_tokenizer(path, open_gguf(path), tmp)
+        write_config_and_tokenizer(path, header, tmp)
         try:
             os.replace(tmp, target)  # atomic; a concurrent builder may have won
         except OSError:

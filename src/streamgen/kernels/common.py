@@ -150,12 +150,10 @@ def load_paged_tile(
     return tile
 
 
-LOG2_E = tl.constexpr(1.4426950408889634)  # scores go to exp2 in units of log2(e)
-
-
 @triton.jit
 def soft_cap(scores, cap):  # float32 -> cap * tanh(scores / cap) (Gemma 2's attention scores)
-    """tanh through one exp of a non-positive argument: no overflow at any score."""
+    """tanh through one exp of a non-positive argument: no overflow at any score. Scaling
+    scores and cap alike scales the result: the kernels pass both in exp2's units."""
     x = scores / cap
     t = tl.exp(-2.0 * tl.abs(x))
     magnitude = (1.0 - t) / (1.0 + t)

@@ -27,7 +27,6 @@ import triton.language as tl
 
 from streamgen.kernels.common import (
     FP8_DTYPE,
-    LOG2_E,
     check_kv_cache,
     check_query,
     default_tile,
@@ -57,7 +56,7 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks]
     seq_lens_ptr,  # [num_seqs]
     scale_log2,  # softmax scale * log2(e)
-    softcap,  # > 0 with HAS_SOFTCAP: scores soft-capped to cap * tanh(s / cap)
+    softcap_log2,  # softcap * log2(e) with HAS_SOFTCAP: cap * tanh(s / cap) in exp2 units
     sliding_window,
     stride_query_seq,
     stride_query_head,
@@ -129,10 +128,9 @@ def _paged_decode_kernel(
         if IS_FP8:
             keys = keys * k_scale
         scores = tl.dot(query, tl.trans(keys.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:  # the cap applies to the scaled scores, before the mask
-            scores = soft_cap(scores * (scale_log2 / LOG2_E), softcap) * LOG2_E
-        else:
-            scores = scores * scale_log2
+        scores = scores * scale_log2
+        if HAS_SOFTCAP:  # on the scaled scores, before the mask (cap in log2(e) units too)
+            scores = soft_cap(scores, softcap_log2)
         scores = tl.where(valid[None, :], scores, float("-inf"))  # [GROUP, TILE]
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
@@ -250,7 +248,7 @@ def paged_decode_attention(
         block_tables,
         seq_lens,
         scale * math.log2(math.e),
-        softcap or 0.0,
+        (softcap or 0.0) * math.log2(math.e),
         sliding_window or 0,
         query.stride(0),
         query.stride(1),

@@ -32,7 +32,6 @@ import triton.language as tl
 
 from streamgen.kernels.common import (
     FP8_DTYPE,
-    LOG2_E,
     check_kv_cache,
     check_query,
     default_tile,
@@ -59,7 +58,7 @@ def _paged_extend_kernel(
     seq_ids_ptr,  # [num_programs_0] sequences to compute (HAS_SEQ_IDS)
     tree_mask_ptr,  # [num_tokens, max_query_len] uint8 (HAS_TREE_MASK)
     scale_log2,  # softmax scale * log2(e)
-    softcap,  # > 0 with HAS_SOFTCAP: scores soft-capped to cap * tanh(s / cap)
+    softcap_log2,  # softcap * log2(e) with HAS_SOFTCAP: cap * tanh(s / cap) in exp2 units
     sliding_window,
     stride_query_token,
     stride_query_head,
@@ -164,10 +163,9 @@ def _paged_extend_kernel(
             visible = visible & (positions[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
-        if HAS_SOFTCAP:  # the cap applies to the scaled scores, before the mask
-            scores = soft_cap(scores * (scale_log2 / LOG2_E), softcap) * LOG2_E
-        else:
-            scores = scores * scale_log2
+        scores = scores * scale_log2
+        if HAS_SOFTCAP:  # on the scaled scores, before the mask (cap in log2(e) units too)
+            scores = soft_cap(scores, softcap_log2)
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp2(scores - new_max[:, None])
@@ -280,7 +278,7 @@ def paged_extend_attention(
         seq_lens if seq_ids is None else seq_ids,
         mask_bytes,
         scale * math.log2(math.e),
-        softcap or 0.0,
+        (softcap or 0.0) * math.log2(math.e),
         sliding_window or 0,
         query.stride(0),
         query.stride(1),

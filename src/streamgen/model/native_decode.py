@@ -19,13 +19,13 @@ What differs between families reaches the kernel as data, not branches: a layer'
 norms by role (inputs: Llama; outputs: OLMo 2; both: Gemma 3), its window and which
 rope tables it takes (Gemma 3's sliding layers have their own base), the gate's
 activation (SwiGLU, GeGLU), the residual scale (Granite) and q / k norms (Qwen3, OLMo
-2). Gemma 2's soft-capped attention scores are the one layout left to the torch path.
+2) and Gemma 2's attention soft-cap.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -63,20 +63,26 @@ class NativeDecoder:
         self.dtype = model.dtype
         code = dtype_code(self.dtype)
         assert code is not None
+        qctx = _packed_context(model)
+        isa = None if qctx is None else Isa(qctx.contents.isa)
         self.struct = NativeModel(
             spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size,
             spec.num_heads, spec.num_kv_heads, spec.head_dim, 0,
             spec.sliding_window or 0, spec.rms_norm_eps, spec.softmax_scale, code,
             spec.residual_scale,
-            _quant_context(model), ACTIVATION_CODES[spec.hidden_act], int(spec.qk_norm_whole),
-            rotary_dim(spec.rope, spec.head_dim), 1, _attention_table(model),
-            spec.attn_logit_softcap or 0.0, code,  # kv_dtype: set from the caches per step
+            None if qctx is None else ctypes.addressof(qctx.contents),
+            ACTIVATION_CODES[spec.hidden_act], int(spec.qk_norm_whole),
+            rotary_dim(spec.rope, spec.head_dim), 1,
+            # the quantized kernels' ISA (a quantized model), else this process's: the
+            # attention backend's (attention/native.py) too
+            attention_table(isa),
+            spec.attn_logit_softcap or 0.0, code,  # kv_dtype: the caches' (_layers)
         )
         # Quantized models run every step here, whatever its size: the int8 kernels beat
         # torch at prefill sizes too, and one code path makes a row's result independent
         # of the step it shares (batch invariance: see exp_shifted in simd_f32.h).
-        self.max_rows = None if _quantized(model) else MAX_NATIVE_ROWS
-        self._layer_key: tuple[int, ...] = ()
+        self.max_rows = None if qctx is not None else MAX_NATIVE_ROWS
+        self._layer_key: tuple[object, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None
 
     @classmethod
@@ -130,10 +136,6 @@ class NativeDecoder:
         if num_layers > len(layers):
             raise ValueError(f"{num_layers} layers asked, {len(layers)} caches given")
         out = torch.empty_like(x)
-        self.struct.block_size = kv_caches[0][0].shape[1]
-        kv_code = kv_dtype_code(kv_caches[0][0].dtype)
-        assert kv_code is not None  # accepts() checked it
-        self.struct.kv_dtype = kv_code
         tree = metadata.tree_mask
         self.kernels.forward_layers(
             self.struct, layers, num_layers, x, cos, sin, local,
@@ -153,9 +155,14 @@ class NativeDecoder:
         differs: a new engine's cache may reuse some addresses of a freed one, so the
         key is every K and V address (only the last set is kept)."""
         count = min(len(kv_caches), len(self.model.layers))
-        key = tuple(int(t.data_ptr()) for pair in kv_caches[:count] for t in pair)
+        k_cache = kv_caches[0][0]
+        key = (str(k_cache.dtype), k_cache.shape[1],
+               *(int(t.data_ptr()) for pair in kv_caches[:count] for t in pair))  # fmt: skip
         if self._layer_key == key and self._layer_array is not None:
             return self._layer_array
+        kv_code = kv_dtype_code(k_cache.dtype)
+        assert kv_code is not None  # accepts() checked it
+        self.struct.kv_dtype, self.struct.block_size = kv_code, k_cache.shape[1]
         array = (NativeLayer * count)()
         spec = self.model.spec
         for i, (layer, (k_cache, v_cache)) in enumerate(
@@ -180,26 +187,13 @@ class NativeDecoder:
         return array
 
 
-def _quantized(model: LlamaModel) -> bool:
-    return any(isinstance(m, LinearLayer) and m.packed is not None for m in model.modules())
-
-
-def _quant_context(model: LlamaModel) -> int | None:
-    """The address of the quantized kernels' context (the model's worker pool, which also
-    runs the attention tiles), or None for dense models."""
+def _packed_context(model: LlamaModel) -> Any:
+    """A quantized model's kernel context (``ctypes.POINTER(QContextStruct)``: its ISA and
+    the worker pool, which also runs the attention tiles), or None for dense models."""
     for module in model.modules():
         if isinstance(module, LinearLayer) and module.packed is not None:
-            return ctypes.addressof(module.packed.struct.ctx.contents)
+            return module.packed.struct.ctx
     return None
-
-
-def _attention_table(model: LlamaModel) -> int:
-    """The attention kernels of the quantized kernels' ISA (a quantized model), else of
-    the ISA this process selects: the attention backend's (attention/native.py) too."""
-    for module in model.modules():
-        if isinstance(module, LinearLayer) and module.packed is not None:
-            return attention_table(Isa(module.packed.struct.ctx.contents.isa))
-    return attention_table()
 
 
 def _linear(linear: LinearLayer) -> ctypes.Structure:

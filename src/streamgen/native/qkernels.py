@@ -183,16 +183,14 @@ def select_isa() -> Isa:
 
 
 # sg_model.attention_kernels (enum sg_attend_table) per ISA: attention's inner loops are
-# the build's own (AVX2 + FMA, or scalar) except on AVX-512, which has its own table.
+# the build's own (AVX2 + FMA, or scalar) except on AVX-512, which has its own loops with
+# the AVX2 loops' bits.
 ATTENTION_TABLES = {Isa.SCALAR: 0, Isa.AVX2: 0, Isa.AVXVNNI: 0, Isa.AVX512VNNI: 1}
 
 
 def attention_table(isa: Isa | None = None) -> int:
-    """The attention kernels' table for ``isa`` (default: :func:`select_isa`).
-
-    A model uses one table for all its steps (their rounding differs), so its decoder
-    and its attention backend take it from the same ISA.
-    """
+    """The attention kernels' table for ``isa`` (default: :func:`select_isa`): the faster
+    loops the CPU runs, or the ones ``STREAMGEN_NATIVE_ISA`` asks for (tests)."""
     return ATTENTION_TABLES[select_isa() if isa is None else isa]
 
 

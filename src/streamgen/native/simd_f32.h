@@ -130,6 +130,20 @@ static inline void load_row(const void *src, int32_t dtype, int64_t n, float *ds
     for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
 }
 
+/* The vector exp's constants: range reduction x = n ln2 + r (ln2 in two parts), a
+ * degree-6 polynomial for e^r (Cephes' expf coefficients). exp256 below and exp512
+ * (attention_avx512.c) take the same steps at two widths, for the same bits. */
+#define SG_EXP_MAX 88.3762626647949f
+#define SG_EXP_LOG2E 1.44269504088896341f
+#define SG_EXP_LN2_HI 0.693359375f
+#define SG_EXP_LN2_LO -2.12194440e-4f
+#define SG_EXP_P0 1.9875691500e-4f
+#define SG_EXP_P1 1.3981999507e-3f
+#define SG_EXP_P2 8.3334519073e-3f
+#define SG_EXP_P3 4.1665795894e-2f
+#define SG_EXP_P4 1.6666665459e-1f
+#define SG_EXP_P5 5.0000001201e-1f
+
 #if SG_AVX2
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -147,18 +161,18 @@ static inline __m256 load8_bf16(const uint16_t *p) {
 /* exp(x) for 8 floats: range reduction x = n ln2 + r, a degree-6 polynomial for e^r
  * (Cephes' expf coefficients, ~2 ulp), 2^n through the exponent bits. exp(-inf) = 0. */
 static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+    x = _mm256_min_ps(x, _mm256_set1_ps(SG_EXP_MAX));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-SG_EXP_MAX));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(SG_EXP_LOG2E),
                                                _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(SG_EXP_LN2_HI), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(SG_EXP_LN2_LO), x);
+    __m256 y = _mm256_set1_ps(SG_EXP_P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(SG_EXP_P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(SG_EXP_P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(SG_EXP_P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(SG_EXP_P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(SG_EXP_P5));
     y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
     const __m256i bits = _mm256_slli_epi32(
         _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(0x7f)), 23);
