@@ -188,3 +188,36 @@ def test_a_row_gets_the_same_bits_alone_as_in_its_step(
         alone_meta = make_metadata(tables[seq : seq + 1], [position + 1], [1], BLOCK_SIZE)
         alone = backend.attend(query[row : row + 1], k_cache, v_cache, alone_meta, 0.125)
         assert torch.equal(alone[0], together[row]), row
+
+
+@pytest.mark.parametrize("prefix", [37, 301])
+def test_a_tree_row_gets_the_bits_of_decoding_its_path(kernels: NativeKernels, prefix: int) -> None:
+    """A draft-tree row (its ancestors at scattered slots, siblings between them) equals
+    a decode of its token with the ancestors' keys and values at consecutive positions,
+    bit for bit: the softmax sum adds terms by position, not by slot. So the accepted
+    rows of a verify are what plain decoding computes, and speculation keeps greedy
+    output exactly. (A chain's slots are its positions: only branching trees test this.)"""
+    backend = NativeAttentionBackend(kernels=kernels)
+    tree_len = 12
+    query, k_cache, v_cache, metadata = make_step([prefix + tree_len], [tree_len], seed=9,
+                                                  tree_seqs=frozenset({0}))  # fmt: skip
+    mask = metadata.tree_mask
+    assert mask is not None
+    together = backend.attend(query, k_cache, v_cache, metadata, 0.125)
+    table = metadata.block_tables[0]
+
+    def slot(position: int) -> tuple[int, int]:
+        return int(table[position // BLOCK_SIZE]), position % BLOCK_SIZE
+
+    branching_rows = 0
+    for row in range(tree_len):
+        path = [int(i) for i in torch.nonzero(mask[row]).flatten()]  # ancestors, then row
+        branching_rows += path != list(range(len(path)))
+        k_path, v_path = k_cache.clone(), v_cache.clone()
+        for depth, node in enumerate(path):
+            k_path[slot(prefix + depth)] = k_cache[slot(prefix + node)]
+            v_path[slot(prefix + depth)] = v_cache[slot(prefix + node)]
+        alone_meta = make_metadata(metadata.block_tables, [prefix + len(path)], [1], BLOCK_SIZE)
+        alone = backend.attend(query[row : row + 1], k_path, v_path, alone_meta, 0.125)
+        assert torch.equal(alone[0], together[row]), (row, path)
+    assert branching_rows >= 3  # the random tree branches: rows whose path skips slots

@@ -79,6 +79,27 @@ static const sg_attend_kernels *attend_kernels(int32_t which) {
     }
 }
 
+/* exp_shifted of a draft-tree row's scores (sc[0, n): the prefix's keys, then the chunk's
+ * in slot order, those the row may not see at -inf), adding its terms as a decode of the
+ * row's token would: the softmax sum adds key k in lane k % 8, and a decode has the
+ * row's ancestors at positions prefix, prefix + 1, ..., where the tree has them at their
+ * slots (siblings between them). So the visible chunk keys (in slot order, which is
+ * position order: parents come before children) move down to prefix + 0, 1, ... for the
+ * sum, and their terms go back to their slots after it (the hidden ones' are 0). The
+ * values' sum adds keys in order and its hidden terms are exact zeros, so with this a
+ * draft's accepted rows get a plain decode's bits, and speculation the same tokens. */
+static float tree_exp_shifted(const sg_attend_kernels *kn, const sg_step *st, int64_t row, float *sc,
+                              int64_t prefix, int64_t n, float mx) {
+    const uint8_t *mask = st->tree_mask + row * st->tree_stride;
+    int64_t seen = 0;
+    for (int64_t k = prefix; k < n; k++)
+        if (mask[k - prefix]) sc[prefix + seen++] = sc[k]; /* prefix + seen <= k */
+    const float sum = kn->exp_shifted(sc, prefix + seen, mx);
+    /* Back to the slots, from the last: slot k >= prefix + seen of the terms not yet moved. */
+    for (int64_t k = n - 1; k >= prefix; k--) sc[k] = mask[k - prefix] ? sc[prefix + --seen] : 0.0f;
+    return sum;
+}
+
 /* The arguments of one attention call, shared by its tasks. */
 typedef struct {
     const sg_model *md;
@@ -157,7 +178,10 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     }
     for (int64_t j = 0; j < nq; j++) {
         float *sc = scores + j * n;
-        const float inv = 1.0f / kn->exp_shifted(sc, nv, kn->max(sc, nv));
+        const float mx = kn->max(sc, nv);
+        const float inv = 1.0f / (st->tree_mask != NULL
+                                      ? tree_exp_shifted(kn, st, first + (j_lo + j) / group, sc, prefix, nv, mx)
+                                      : kn->exp_shifted(sc, nv, mx));
         for (int64_t key = 0; key < nv; key++) sc[key] *= inv;
         memset(os[j], 0, (size_t)D * sizeof(float));
     }
