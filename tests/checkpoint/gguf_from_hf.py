@@ -3,13 +3,14 @@ them (``convert_hf_to_gguf.py`` and its ``conversion/`` modules, read in the lla
 the llama-cpp-python 0.3.36 sdist): its tensor names per family, the Q/K row permutation
 of its Llama converter (llama, granite), Gemma's norms stored as 1 + w, Phi-3's fused
 projections and rope factor tensors, its metadata keys, a byte-level BPE tokenizer with
-its pre-tokenizer type and chat template. The ``gguf`` package writes the file; nothing
-of streamgen's is used.
+its pre-tokenizer type and chat template, or a sentencepiece vocabulary as it writes
+one. The ``gguf`` package writes the file; nothing of streamgen's is used.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,91 @@ def _family_metadata(writer: GGUFWriter, config: Any, arch: str, head_dim: int) 
             writer.add_rope_freq_base_swa(local)
 
 
+def _write_bpe_vocab(writer: GGUFWriter, tokenizer: Any, arch: str) -> None:
+    """A byte-level BPE vocabulary as the converter's ``_set_vocab_gpt2`` writes it."""
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    raw_merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in raw_merges]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2" if arch in ("qwen2", "qwen3") else "gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab["<|endoftext|>"])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+
+
+@dataclass(frozen=True)
+class SentencePieceVocab:
+    """A sentencepiece model's vocabulary, written as the converter's
+    ``_set_vocab_sentencepiece`` writes it (``_create_vocab_sentencepiece``: every piece
+    with its score and type; the special ids and ``add_bos_token`` from the model's
+    tokenizer config, which ``SpecialVocab`` reads; Gemma and Phi-3 add
+    ``add_space_prefix = False``)."""
+
+    model: bytes  # a serialized sentencepiece ModelProto
+    add_bos: bool
+    add_space_prefix: bool | None  # None: the key is not written (llama)
+    chat_template: str
+
+    def processor(self) -> Any:
+        from sentencepiece import SentencePieceProcessor
+
+        return SentencePieceProcessor(model_proto=self.model)
+
+    def write(self, writer: GGUFWriter) -> None:
+        sp = self.processor()
+        tokens, scores, types = [], [], []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i).encode("utf-8"))
+            scores.append(sp.get_score(i))
+            types.append(
+                TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+                else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
+                else TokenType.NORMAL
+            )  # fmt: skip
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+        writer.add_add_bos_token(self.add_bos)
+        writer.add_add_eos_token(False)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        writer.add_chat_template(self.chat_template)
+
+
+def train_sentencepiece(
+    *, add_dummy_prefix: bool, control: tuple[str, ...] = (), vocab_size: int = 400
+) -> bytes:
+    """A BPE sentencepiece model trained on CORPUS as Llama's and Gemma's were
+    configured: byte fallback, digits split, whitespace kept as written (no
+    normalization), whitespace-only pieces; ``add_dummy_prefix`` as the family has it."""
+    import io
+
+    from sentencepiece import SentencePieceTrainer
+
+    out = io.BytesIO()
+    SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=out, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True,
+        add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=list(control),
+        minloglevel=2,
+    )  # fmt: skip
+    return out.getvalue()
+
+
 def write_gguf_from_hf(
     path: Path,
     model: Any,
@@ -167,8 +253,9 @@ def write_gguf_from_hf(
     weight_type: str = "F32",
     quantize_q4_k: Any = None,
 ) -> Path:
-    """``model`` (a tiny HF model of the family ``arch`` names) and ``tokenizer`` as a GGUF
-    file of ``arch``.
+    """``model`` (a tiny HF model of the family ``arch`` names) and ``tokenizer`` (a
+    byte-level BPE ``tokenizers.Tokenizer`` or a ``SentencePieceVocab``) as a GGUF file of
+    ``arch``.
 
     Linear weights and embeddings take ``weight_type`` (``F32``, ``Q8_0``, or ``Q4_K``,
     quantized by ``quantize_q4_k`` with Q8_0 for rows 256 does not divide); norms and
@@ -189,21 +276,10 @@ def write_gguf_from_hf(
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(0)
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    raw_merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    merges = [" ".join(m) if isinstance(m, list) else m for m in raw_merges]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if arch in ("qwen2", "qwen3") else "gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(
-        [TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL for t in tokens]
-    )
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(vocab["<|endoftext|>"])
-    writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
+    if isinstance(tokenizer, SentencePieceVocab):
+        tokenizer.write(writer)
+    else:
+        _write_bpe_vocab(writer, tokenizer, arch)
     for name, values in gguf_tensors(model, arch).items():
         kind = weight_type if values.ndim == 2 else "F32"
         if kind == "Q4_K" and values.shape[1] % 256:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import pre_tokenizers
+from tokenizers import normalizers, pre_tokenizers
 from tqdm import tqdm
 
 from streamgen.checkpoint.gguf_architectures import GGUFArchitecture, gguf_architecture
@@ -152,6 +152,11 @@ def write_config_and_tokenizer(gguf_path: Path, header: GGUFFile, out_dir: Path)
         pre_type=header.metadata.get("tokenizer.ggml.pre"),
         max_length=header.metadata.get(f"{architecture}.context_length"),
         by_architecture=arch.tokenizer_by_architecture,
+        sentencepiece_prefix=(
+            bool(header.metadata.get("tokenizer.ggml.add_space_prefix", True))
+            if header.metadata.get("tokenizer.ggml.model") == "llama"
+            else None
+        ),
     )
 
 
@@ -239,6 +244,24 @@ def llama_cpp_pre_tokenizer(pre_type: str | None) -> pre_tokenizers.PreTokenizer
         pre_type,
     )
     return None
+
+
+def sentencepiece_normalizer(add_space_prefix: bool) -> normalizers.Normalizer:
+    """llama.cpp's whitespace rule for a sentencepiece vocabulary (``tokenizer.ggml.model``
+    "llama"), which is sentencepiece's own: every space becomes "\u2581", and with
+    ``add_space_prefix`` every run of text between special tokens gets one "\u2581" in
+    front, whatever it starts with. (The ``Metaspace`` pre-tokenizer transformers builds
+    for Llama adds it to the first run only, and not to text that already starts with a
+    space: "  hi" would lose a space against the model's own tokenizer.)
+
+    Example:
+        >>> sentencepiece_normalizer(True).normalize_str("  hi")
+        '\u2581\u2581\u2581hi'
+    """
+    replace = normalizers.Replace(pattern=" ", content="\u2581")
+    if not add_space_prefix:
+        return replace
+    return normalizers.Sequence([normalizers.Prepend(prepend="\u2581"), replace])
 
 
 def _transformers_splits() -> frozenset[str]:
@@ -351,10 +374,13 @@ def _write_tokenizer(
     pre_type: str | None,
     max_length: int | None,
     by_architecture: bool,
+    sentencepiece_prefix: bool | None,
 ) -> None:
     """Write the tokenizer files, with llama.cpp's pre-tokenizer restored
     (``by_architecture``: transformers' GGUF import knows the architecture and picks the
-    tokenizer class; else the generic fast tokenizer of the file's vocabulary)."""
+    tokenizer class; else the generic fast tokenizer of the file's vocabulary), and for a
+    sentencepiece vocabulary (``sentencepiece_prefix`` not None: its
+    ``add_space_prefix``) llama.cpp's whitespace rule."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     loader = AutoTokenizer if by_architecture else PreTrainedTokenizerFast
@@ -365,6 +391,9 @@ def _write_tokenizer(
     pre_tokenizer = llama_cpp_pre_tokenizer(pre_type)
     if pre_tokenizer is not None:
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizer
+    if sentencepiece_prefix is not None:
+        tokenizer.backend_tokenizer.normalizer = sentencepiece_normalizer(sentencepiece_prefix)
+        tokenizer.backend_tokenizer.pre_tokenizer = None
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("GGUF file %s has no chat template", gguf_path.name)
     tokenizer.save_pretrained(out_dir)

@@ -228,12 +228,18 @@ def _dense(value: Unpacked | np.ndarray) -> torch.Tensor:  # norms and biases (c
     return torch.from_numpy(np.array(value, dtype=np.float32))
 
 
+# What _metadata_dir's files hold: raised whenever write_config_and_tokenizer writes them
+# differently, so a directory an older streamgen cached is written anew (2: llama.cpp's
+# sentencepiece whitespace rule).
+METADATA_FORMAT = 2
+
+
 def _metadata_dir(path: Path, header: GGUFFile) -> Path:
     from streamgen.checkpoint.gguf_convert import write_config_and_tokenizer
 
     stat = path.stat()
     key = hashlib.sha256(
-        f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+        f"{METADATA_FORMAT}\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     ).hexdigest()
     target = streamgen_home() / "gguf" / f"{path.stem}-{key[:16]}"
     if (target / "config.json").is_file():
