@@ -85,13 +85,24 @@ async def test_self_layers_must_leave_layers_to_skip(loaded) -> None:
         await Engine(loaded, config).start()
 
 
-def test_sliding_window_models_refuse_speculation(tmp_path: Path) -> None:
+def test_sliding_window_models_speculate_in_chains(tmp_path: Path) -> None:
+    """A windowed model's drafts are chains, whose verify steps carry no tree mask (a
+    causal chunk: every backend applies the window); a branching tree keeps its mask."""
+    from streamgen.runner.batch import ModelBatch, SequenceChunk
     from streamgen.runner.kv_cache import KVCacheConfig
     from streamgen.runner.model_runner import ModelRunner
-    from streamgen.spec.factory import make_drafter
+    from streamgen.spec.factory import make_drafter, speculation_for
+    from streamgen.spec.tree import DraftTree
 
     make_hf_checkpoint(tmp_path, tiny_hf_config("mistral", sliding_window=24))
     mistral = load_model(tmp_path, load_tokenizer=False)
     runner = ModelRunner(mistral, KVCacheConfig(num_blocks=4))
-    with pytest.raises(ConfigError, match="sliding-window"):
-        make_drafter(SpeculationConfig(), mistral, runner)
+    assert speculation_for(SpeculationConfig(branching=3), mistral).branching == 1
+    assert make_drafter(SpeculationConfig(), mistral, runner).name == "ngram"
+
+    def mask(tree: DraftTree) -> object:
+        chunk = SequenceChunk("r", [5] * (len(tree) + 1), 20, [0, 1], tree=tree)
+        return runner.prepare(ModelBatch([chunk])).metadata.tree_mask
+
+    assert mask(DraftTree.chain([7, 8, 9])) is None
+    assert mask(DraftTree.from_paths([[7, 8], [9]])) is not None

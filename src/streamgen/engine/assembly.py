@@ -23,7 +23,7 @@ from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
 from streamgen.runner.sampler import Sampler
 from streamgen.scheduler import Scheduler, SchedulerConfig
-from streamgen.spec.factory import make_drafter
+from streamgen.spec.factory import make_drafter, speculation_for
 from streamgen.spec.policy import SpeculationPolicy
 
 
@@ -68,8 +68,9 @@ def build_core(
     check_capacity(runner.num_blocks, cfg.block_size, max_model_len)
     drafter, policy = None, None
     if cfg.speculation is not None:
-        drafter = make_drafter(cfg.speculation, loaded, runner)
-        policy = SpeculationPolicy(cfg.speculation)
+        speculation = speculation_for(cfg.speculation, loaded)  # windowed: chains
+        drafter = make_drafter(speculation, loaded, runner)
+        policy = SpeculationPolicy(speculation)
     # Structured-output masks beside the forward only where it leaves CPUs idle: on a
     # CPU whose every core runs the kernels, the two would only slow each other down.
     spare_cpus = cfg.threads is not None and cfg.threads < default_threads()

@@ -73,6 +73,8 @@ def prepare_inputs(
             sample_row_counts.append(num_rows)
             sample_chunks.append(index)
 
+    branching = any(chunk.tree is not None and not chunk.tree.is_chain for _, chunk in trees)
+
     def as_tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
@@ -85,7 +87,9 @@ def prepare_inputs(
         seq_lens_list=tuple(c.end_pos for c in batch.chunks),
         block_size=block_size,
         sliding_window=sliding_window,
-        tree_mask=_tree_mask(batch, trees, len(input_ids), device) if trees else None,
+        # A chain's rows see what a causal chunk's see: only a branching tree needs the
+        # mask (and only it has rows whose slot is not their position).
+        tree_mask=_tree_mask(batch, trees, len(input_ids), device) if branching else None,
     )
     return StepInputs(
         input_ids=as_tensor(input_ids),

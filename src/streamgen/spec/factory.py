@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.errors import ConfigError
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
@@ -10,6 +12,22 @@ from streamgen.spec.config import SpeculationConfig
 from streamgen.spec.drafter import Drafter
 from streamgen.spec.model_drafter import ModelDrafter
 from streamgen.spec.ngram import NgramDrafter
+
+
+def speculation_for(config: SpeculationConfig, target: LoadedModel) -> SpeculationConfig:
+    """``config`` as ``target`` can run it: a sliding-window model drafts chains
+    (``branching=1``). A chain's verify step is a causal chunk, whose rows sit at their
+    own positions, so every backend applies the window as for any chunk; a branching
+    tree's rows would need the window from each node's depth instead of its slot.
+
+    Example:
+        >>> speculation_for(SpeculationConfig(branching=2), mistral).branching  # doctest: +SKIP
+        1
+    """
+    spec = target.spec
+    if spec.sliding_window is None and spec.local_window is None:
+        return config
+    return dataclasses.replace(config, branching=1)
 
 
 def make_drafter(
@@ -22,16 +40,14 @@ def make_drafter(
 
     ``draft`` overrides loading ``config.draft_model`` (tests pass a model in).
 
+    A sliding-window target drafts chains (``speculation_for``).
+
     Raises:
-        ConfigError: the target has a sliding window (tree masks do not
-            combine with it), the draft model's vocabulary differs from the
-            target's, or ``self_layers`` is not below the target's layer count.
+        ConfigError: the draft model's vocabulary differs from the target's, or
+            ``self_layers`` is not below the target's layer count.
     """
     spec = target.spec
-    if spec.sliding_window is not None or spec.local_window is not None:
-        raise ConfigError(
-            "speculative decoding does not support sliding-window attention models yet"
-        )
+    config = speculation_for(config, target)
     if config.method == "ngram":
         return NgramDrafter(config.min_ngram, config.max_ngram, config.branching)
     # The draft forwards share the target's backend instance (they run between
