@@ -221,3 +221,40 @@ def test_a_tree_row_gets_the_bits_of_decoding_its_path(kernels: NativeKernels, p
         alone = backend.attend(query[row : row + 1], k_path, v_path, alone_meta, 0.125)
         assert torch.equal(alone[0], together[row]), (row, path)
     assert branching_rows >= 3  # the random tree branches: rows whose path skips slots
+
+
+@pytest.mark.parametrize("window", [20, 3])
+def test_a_tree_row_under_a_window_sees_what_a_decode_of_its_path_sees(
+    kernels: NativeKernels, window: int
+) -> None:
+    """With a sliding window, a tree row (which the native backend hands to the torch
+    reference) counts the window back from its depth's position, not its slot: it equals
+    a decode of its path laid out at consecutive positions (a window of 3 also hides
+    ancestors)."""
+    backend = NativeAttentionBackend(kernels=kernels)
+    prefix, tree_len = 45, 10
+    query, k_cache, v_cache, metadata = make_step(
+        [prefix + tree_len], [tree_len], seed=11, tree_seqs=frozenset({0}), sliding_window=window
+    )
+    mask = metadata.tree_mask
+    assert mask is not None
+    together = backend.attend(query, k_cache, v_cache, metadata, 0.125)
+    table = metadata.block_tables[0]
+
+    def slot(position: int) -> tuple[int, int]:
+        return int(table[position // BLOCK_SIZE]), position % BLOCK_SIZE
+
+    deep = 0
+    for row in range(tree_len):
+        path = [int(i) for i in torch.nonzero(mask[row]).flatten()]
+        deep += len(path) > 3
+        k_path, v_path = k_cache.clone(), v_cache.clone()
+        for depth, node in enumerate(path):
+            k_path[slot(prefix + depth)] = k_cache[slot(prefix + node)]
+            v_path[slot(prefix + depth)] = v_cache[slot(prefix + node)]
+        alone_meta = make_metadata(
+            metadata.block_tables, [prefix + len(path)], [1], BLOCK_SIZE, sliding_window=window
+        )
+        alone = backend.attend(query[row : row + 1], k_path, v_path, alone_meta, 0.125)
+        torch.testing.assert_close(alone[0], together[row], rtol=1e-5, atol=1e-5)
+    assert deep >= 2  # some paths longer than the smaller window

@@ -179,7 +179,9 @@ def _make_plan(metadata: AttentionMetadata, seqs: list[int]) -> _GroupPlan:
     covers_batch = seqs == list(range(metadata.num_seqs)) and bool(valid.all())
     mask, is_causal, kv_len = _mask(metadata, q_lens, s_lens, valid, num_blocks * block_size)
     if metadata.tree_mask is not None and max_q > 1:
-        mask = _apply_tree_mask(mask, metadata.tree_mask.cpu(), query_index, q_lens, s_lens)
+        mask = _apply_tree_mask(
+            mask, metadata.tree_mask.cpu(), query_index, q_lens, s_lens, metadata.sliding_window
+        )
         is_causal, kv_len = False, num_blocks * block_size
     return _GroupPlan(
         query_index=query_index.to(device),
@@ -227,8 +229,14 @@ def _apply_tree_mask(
     query_index: torch.Tensor,  # [seqs, max_q] flat row of each query slot
     q_lens: torch.Tensor,  # [seqs]
     s_lens: torch.Tensor,  # [seqs]
+    window: int | None,
 ) -> torch.Tensor:  # [seqs, max_q, ctx]
-    """Replace the causal part (the sequence's own new tokens) by the tree visibility."""
+    """Replace the causal part (the sequence's own new tokens) by the tree visibility.
+
+    A tree row's position is the prefix plus its depth (it sees itself and one ancestor
+    per depth above it), not its slot; a window counts back from that position, over
+    the prefix's keys and the row's ancestors (whose positions are prefix + their
+    depths: the i-th key the row sees is at depth i)."""
     assert mask is not None
     ctx = mask.shape[2]
     prefix = (s_lens - q_lens)[:, None, None]  # [seqs, 1, 1]
@@ -238,5 +246,13 @@ def _apply_tree_mask(
     column = (k_pos - prefix).clamp(0, rows.shape[2] - 1).expand(*rows.shape[:2], ctx)
     sees_own = rows.gather(2, column)  # [seqs, max_q, ctx]
     valid = torch.arange(mask.shape[1])[None, :] < q_lens[:, None]  # [seqs, max_q]
-    tree = torch.where(own, sees_own, k_pos < prefix)
+    seen_prefix = k_pos < prefix
+    if window is not None:
+        depth = rows.sum(-1, keepdim=True) - 1  # [seqs, max_q, 1]
+        position = prefix + depth
+        seen_prefix = seen_prefix & (k_pos > position - window)
+        seen_own = sees_own & own
+        ancestor_depth = seen_own.cumsum(-1) - 1  # the i-th own key a row sees: depth i
+        sees_own = sees_own & (ancestor_depth > depth - window)
+    tree = torch.where(own, sees_own, seen_prefix)
     return torch.where(valid[:, :, None], tree, mask)

@@ -109,7 +109,9 @@ class NativeDecoder:
         a quantized model) and its caches are contiguous CPU tensors the kernels read
         (float32, bfloat16 or float16)."""
         k_cache = kv_caches[0][0]
-        windowed = metadata.sliding_window is not None or self.model.spec.local_window is not None
+        spec = self.model.spec  # the kernels take the model's window, whatever the step says
+        windows = (metadata.sliding_window, spec.sliding_window, spec.local_window)
+        windowed = any(window is not None for window in windows)
         return (
             num_tokens > 0
             and (self.max_rows is None or num_tokens <= self.max_rows)

@@ -193,8 +193,9 @@ class ModelDrafter:
         device = self.caches[0][0].device
         spec = self.model.spec
         inputs = prepare_inputs(
-            ModelBatch(chunks), self.block_size, self.num_blocks, spec.vocab_size, device
-        )
+            ModelBatch(chunks), self.block_size, self.num_blocks, spec.vocab_size, device,
+            spec.sliding_window,  # the draft's own window, as the target's runner passes its
+        )  # fmt: skip
         hidden = self.model(
             inputs.input_ids,
             inputs.positions,
