@@ -190,17 +190,17 @@ def test_a_row_gets_the_same_bits_alone_as_in_its_step(
         assert torch.equal(alone[0], together[row]), row
 
 
-@pytest.mark.parametrize("prefix", [37, 301])
-def test_a_tree_row_gets_the_bits_of_decoding_its_path(kernels: NativeKernels, prefix: int) -> None:
-    """A draft-tree row (its ancestors at scattered slots, siblings between them) equals
-    a decode of its token with the ancestors' keys and values at consecutive positions,
-    bit for bit: the softmax sum adds terms by position, not by slot. So the accepted
-    rows of a verify are what plain decoding computes, and speculation keeps greedy
-    output exactly. (A chain's slots are its positions: only branching trees test this.)"""
-    backend = NativeAttentionBackend(kernels=kernels)
-    tree_len = 12
-    query, k_cache, v_cache, metadata = make_step([prefix + tree_len], [tree_len], seed=9,
-                                                  tree_seqs=frozenset({0}))  # fmt: skip
+def tree_rows_and_their_paths_decoded(
+    backend: NativeAttentionBackend, prefix: int, tree_len: int, seed: int,
+    window: int | None = None,
+) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:  # (path, tree row, decode of path)
+    """Attend a random tree of ``tree_len`` tokens after ``prefix`` cached ones; and, for
+    each row, a decode of its token with its path (ancestors, then itself) moved to
+    consecutive positions from ``prefix`` on, as plain decoding would have them."""
+    query, k_cache, v_cache, metadata = make_step(
+        [prefix + tree_len], [tree_len], seed=seed, tree_seqs=frozenset({0}),
+        sliding_window=window,
+    )  # fmt: skip
     mask = metadata.tree_mask
     assert mask is not None
     together = backend.attend(query, k_cache, v_cache, metadata, 0.125)
@@ -209,18 +209,34 @@ def test_a_tree_row_gets_the_bits_of_decoding_its_path(kernels: NativeKernels, p
     def slot(position: int) -> tuple[int, int]:
         return int(table[position // BLOCK_SIZE]), position % BLOCK_SIZE
 
-    branching_rows = 0
+    out = []
     for row in range(tree_len):
-        path = [int(i) for i in torch.nonzero(mask[row]).flatten()]  # ancestors, then row
-        branching_rows += path != list(range(len(path)))
+        path = [int(i) for i in torch.nonzero(mask[row]).flatten()]
         k_path, v_path = k_cache.clone(), v_cache.clone()
         for depth, node in enumerate(path):
             k_path[slot(prefix + depth)] = k_cache[slot(prefix + node)]
             v_path[slot(prefix + depth)] = v_cache[slot(prefix + node)]
-        alone_meta = make_metadata(metadata.block_tables, [prefix + len(path)], [1], BLOCK_SIZE)
+        alone_meta = make_metadata(
+            metadata.block_tables, [prefix + len(path)], [1], BLOCK_SIZE, sliding_window=window
+        )
         alone = backend.attend(query[row : row + 1], k_path, v_path, alone_meta, 0.125)
-        assert torch.equal(alone[0], together[row]), (row, path)
-    assert branching_rows >= 3  # the random tree branches: rows whose path skips slots
+        out.append((path, together[row], alone[0]))
+    return out
+
+
+@pytest.mark.parametrize("prefix", [37, 301])
+def test_a_tree_row_gets_the_bits_of_decoding_its_path(kernels: NativeKernels, prefix: int) -> None:
+    """A draft-tree row (its ancestors at scattered slots, siblings between them) equals
+    a decode of its token with the ancestors' keys and values at consecutive positions,
+    bit for bit: the softmax sum adds terms by position, not by slot. So the accepted
+    rows of a verify are what plain decoding computes, and speculation keeps greedy
+    output exactly. (A chain's slots are its positions: only branching trees test this.)"""
+    backend = NativeAttentionBackend(kernels=kernels)
+    rows = tree_rows_and_their_paths_decoded(backend, prefix, tree_len=12, seed=9)
+    for path, in_tree, decoded in rows:
+        assert torch.equal(in_tree, decoded), path
+    # the random tree branches: rows whose path skips slots
+    assert sum(path != list(range(len(path))) for path, _, _ in rows) >= 3
 
 
 @pytest.mark.parametrize("window", [20, 3])
@@ -232,29 +248,7 @@ def test_a_tree_row_under_a_window_sees_what_a_decode_of_its_path_sees(
     a decode of its path laid out at consecutive positions (a window of 3 also hides
     ancestors)."""
     backend = NativeAttentionBackend(kernels=kernels)
-    prefix, tree_len = 45, 10
-    query, k_cache, v_cache, metadata = make_step(
-        [prefix + tree_len], [tree_len], seed=11, tree_seqs=frozenset({0}), sliding_window=window
-    )
-    mask = metadata.tree_mask
-    assert mask is not None
-    together = backend.attend(query, k_cache, v_cache, metadata, 0.125)
-    table = metadata.block_tables[0]
-
-    def slot(position: int) -> tuple[int, int]:
-        return int(table[position // BLOCK_SIZE]), position % BLOCK_SIZE
-
-    deep = 0
-    for row in range(tree_len):
-        path = [int(i) for i in torch.nonzero(mask[row]).flatten()]
-        deep += len(path) > 3
-        k_path, v_path = k_cache.clone(), v_cache.clone()
-        for depth, node in enumerate(path):
-            k_path[slot(prefix + depth)] = k_cache[slot(prefix + node)]
-            v_path[slot(prefix + depth)] = v_cache[slot(prefix + node)]
-        alone_meta = make_metadata(
-            metadata.block_tables, [prefix + len(path)], [1], BLOCK_SIZE, sliding_window=window
-        )
-        alone = backend.attend(query[row : row + 1], k_path, v_path, alone_meta, 0.125)
-        torch.testing.assert_close(alone[0], together[row], rtol=1e-5, atol=1e-5)
-    assert deep >= 2  # some paths longer than the smaller window
+    rows = tree_rows_and_their_paths_decoded(backend, 45, tree_len=10, seed=11, window=window)
+    for _, in_tree, decoded in rows:
+        torch.testing.assert_close(in_tree, decoded, rtol=1e-5, atol=1e-5)
+    assert sum(len(path) > 3 for path, _, _ in rows) >= 2  # paths past the smaller window
