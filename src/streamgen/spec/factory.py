@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.errors import ConfigError
@@ -12,6 +13,8 @@ from streamgen.spec.config import SpeculationConfig
 from streamgen.spec.drafter import Drafter
 from streamgen.spec.model_drafter import ModelDrafter
 from streamgen.spec.ngram import NgramDrafter
+
+logger = logging.getLogger(__name__)
 
 
 def speculation_for(config: SpeculationConfig, target: LoadedModel) -> SpeculationConfig:
@@ -25,8 +28,10 @@ def speculation_for(config: SpeculationConfig, target: LoadedModel) -> Speculati
         1
     """
     spec = target.spec
-    if spec.sliding_window is None and spec.local_window is None:
+    if (spec.sliding_window is None and spec.local_window is None) or config.branching == 1:
         return config
+    logger.info("sliding-window model: speculation drafts chains (branching %d -> 1)",
+                config.branching)  # fmt: skip
     return dataclasses.replace(config, branching=1)
 
 
