@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from streamgen.runner.sampler import Sampler, SamplingRequest, apply_penalties
+from streamgen.runner.sampler import Sampler, SamplingRequest, apply_penalties, argmax_rows
 from streamgen.sampling_params import SamplingParams
 
 # --------------------------------------------------------------------------- helpers
@@ -553,3 +553,16 @@ def test_logit_bias_is_stored_as_sorted_pairs() -> None:
     params = SamplingParams(logit_bias={9: 1, 2: -3.5})
     assert params.logit_bias == ((2, -3.5), (9, 1.0)) == params.logit_bias_pairs
     assert params == SamplingParams(logit_bias=[(2, -3.5), (9, 1)])
+
+
+def test_argmax_rows_is_torch_argmax_ties_infinities_and_nans_included() -> None:
+    """The greedy pick (numpy's argmax on the CPU) is torch's: the first of tied maxima,
+    a row of -inf but one entry, a NaN taken as the largest; non-contiguous rows too."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 5, (64, 1000), generator=gen).float()  # many ties
+    x[3] = float("-inf")
+    x[3, 777] = 0.0
+    x[5, 10] = float("nan")
+    x[6] = float("-inf")  # all -inf: index 0
+    for rows in (x, x[:, ::3], x[:1], torch.randn(8, 49152, generator=gen)):
+        assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
