@@ -252,3 +252,25 @@ def test_a_tree_row_under_a_window_sees_what_a_decode_of_its_path_sees(
     for _, in_tree, decoded in rows:
         torch.testing.assert_close(in_tree, decoded, rtol=1e-5, atol=1e-5)
     assert sum(len(path) > 3 for path, _, _ in rows) >= 2  # paths past the smaller window
+
+
+def test_a_float16_cache_read_in_place_gives_the_bits_of_its_float32_copy(
+    kernels: NativeKernels,
+) -> None:
+    """The AVX-512 table reads a float16 cache in place, widening each vector as it loads
+    it; the built table widens a block at a time into a copy. Either way a row gets the
+    bits it gets over the cache's float32 copy (the same floats): decodes, chunks, a
+    tree, a window."""
+    from streamgen.native.qkernels import Isa, supported_isas
+
+    isas = [Isa.AVX2] + ([Isa.AVX512VNNI] if Isa.AVX512VNNI in supported_isas() else [])
+    for isa in isas if kernels.simd else [None]:
+        backend = NativeAttentionBackend(max_native_chunk=32, kernels=kernels, isa=isa)
+        for seed, kwargs in enumerate([dict(tree_seqs=frozenset({7})), dict(sliding_window=20)]):
+            query, k16, v16, metadata = make_step(
+                SEQ_LENS, QUERY_LENS, seed, dtype=torch.float16, **kwargs  # type: ignore[arg-type]
+            )
+            query = query.float()
+            in_place = backend.attend(query, k16, v16, metadata, 0.125)
+            copied = backend.attend(query, k16.float(), v16.float(), metadata, 0.125)
+            assert torch.equal(in_place.float(), copied.float()), (isa, kwargs)

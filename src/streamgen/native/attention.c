@@ -68,7 +68,31 @@ static void values_built(const float *const *p, float *const *o, int64_t nj, con
         tile_values(p + j, o + j, nj - j < PV_OUTPUTS ? nj - j : PV_OUTPUTS, vb, stride, count, D);
 }
 
-const sg_attend_kernels sg_attend_built = {scores_built, values_built, max_f32, exp_shifted};
+#if SG_TILES_F16
+static void scores_built_f16(const float *const *q, int64_t nq, const uint16_t *kb, int64_t stride,
+                             int64_t count, int64_t D, float scale, float *s, int64_t s_stride,
+                             float *scratch) {
+    (void)scratch;
+    for (int64_t j = 0; j < nq; j += QK_QUERIES)
+        tile_dots_simd(q + j, nq - j < QK_QUERIES ? nq - j : QK_QUERIES, kb, stride, count, D,
+                       scale, s + j * s_stride, s_stride, 1);
+}
+
+static void values_built_f16(const float *const *p, float *const *o, int64_t nj,
+                             const uint16_t *vb, int64_t stride, int64_t count, int64_t D) {
+    for (int64_t j = 0; j < nj; j += PV_OUTPUTS)
+        tile_values_simd(p + j, o + j, nj - j < PV_OUTPUTS ? nj - j : PV_OUTPUTS, vb, stride,
+                         count, D, 1);
+}
+
+/* In place for one pass of each loop (a decode's queries of a KV head): tile_dots takes
+ * QK_QUERIES queries a pass, tile_values PV_OUTPUTS outputs. */
+const sg_attend_kernels sg_attend_built = {scores_built, values_built, max_f32, exp_shifted,
+                                           scores_built_f16, values_built_f16, QK_QUERIES};
+#else /* the scalar build widens float16 blocks into a copy */
+const sg_attend_kernels sg_attend_built = {scores_built, values_built, max_f32, exp_shifted,
+                                           NULL, NULL, 0};
+#endif
 
 /* sg_model.attention_kernels -> its table, or NULL where this CPU lacks it. */
 static const sg_attend_kernels *attend_kernels(int32_t which) {
@@ -151,16 +175,25 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
         os[j] = a->out + row * a->out_stride + head * D;
     }
     float *widened = buf, *scratch = buf + bs * D;
+    /* A float16 cache is read in place where the table can (no widened copy). */
+    const int in_place = dt == SG_F16 && kn->scores_f16 != NULL && D % 16 == 0 &&
+                         nq <= kn->f16_max_queries;
     /* scores[j * n + key] */
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
-        int64_t stride;
-        const float *kb = head_block(a->k_cache, dt, table[blk] * bs * row_elems + head_off, count,
-                                     row_elems, D, widened, &stride);
-        for (int64_t c = 0; c < count; c += SG_KEY_CHUNK)
-            kn->scores(qs, nq, kb + c * stride, stride,
-                       count - c < SG_KEY_CHUNK ? count - c : SG_KEY_CHUNK, D, md->scale,
-                       scores + key + c, n, scratch);
+        const int64_t off = table[blk] * bs * row_elems + head_off;
+        int64_t stride = row_elems;
+        const float *kb = in_place ? NULL : head_block(a->k_cache, dt, off, count, row_elems, D,
+                                                       widened, &stride);
+        for (int64_t c = 0; c < count; c += SG_KEY_CHUNK) {
+            const int64_t chunk = count - c < SG_KEY_CHUNK ? count - c : SG_KEY_CHUNK;
+            if (in_place)
+                kn->scores_f16(qs, nq, (const uint16_t *)a->k_cache + off + c * stride, stride,
+                               chunk, D, md->scale, scores + key + c, n, scratch);
+            else
+                kn->scores(qs, nq, kb + c * stride, stride, chunk, D, md->scale, scores + key + c,
+                           n, scratch);
+        }
         if (cap > 0.0f) /* soft-capped scores (Gemma 2): cap * tanh(s / cap) */
             for (int64_t j = 0; j < nq; j++)
                 for (int64_t k = 0; k < count; k++) {
@@ -187,11 +220,15 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     }
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
-        int64_t stride;
-        const float *vb = head_block(a->v_cache, dt, table[blk] * bs * row_elems + head_off, count,
-                                     row_elems, D, widened, &stride);
+        const int64_t off = table[blk] * bs * row_elems + head_off;
         for (int64_t j = 0; j < nq; j++) ps[j] = scores + j * n + key;
-        kn->values(ps, os, nq, vb, stride, count, D);
+        if (in_place) {
+            kn->values_f16(ps, os, nq, (const uint16_t *)a->v_cache + off, row_elems, count, D);
+        } else {
+            int64_t stride;
+            const float *vb = head_block(a->v_cache, dt, off, count, row_elems, D, widened, &stride);
+            kn->values(ps, os, nq, vb, stride, count, D);
+        }
         key += count;
     }
 }

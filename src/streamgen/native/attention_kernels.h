@@ -33,6 +33,18 @@ typedef struct {
     float (*max)(const float *s, int64_t n);
     /* s[k] = exp(s[k] - mx) in place; returns their sum, added by key position. */
     float (*exp_shifted)(float *s, int64_t n, float mx);
+    /* scores and values over a float16 cache read in place (NULL: the table has none;
+     * the caller widens blocks for scores / values), D a multiple of 16, with the bits
+     * of scores / values over the widened floats. */
+    void (*scores_f16)(const float *const *q, int64_t nq, const uint16_t *kb, int64_t stride,
+                       int64_t count, int64_t D, float scale, float *s, int64_t s_stride,
+                       float *scratch);
+    void (*values_f16)(const float *const *p, float *const *o, int64_t nj, const uint16_t *vb,
+                       int64_t stride, int64_t count, int64_t D);
+    /* The most queries a call reads a float16 cache in place for: loops that pass over the
+     * keys once per few queries widen each vector again every pass, and beyond this many a
+     * widened copy is cheaper. */
+    int64_t f16_max_queries;
 } sg_attend_kernels;
 
 SG_INTERNAL extern const sg_attend_kernels sg_attend_built;
