@@ -198,13 +198,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "commit": git_commit(), "machine": machine(), "cpu_flags": simd_flags(),
         "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "repeats": args.repeats,
         "requests": args.requests, "rows": rows, "isa": args.isa,
-        **({"notes": [
+        **({"notes": notes} if (notes := _notes(args.isa)) else {}),
+    }  # fmt: skip
+
+
+def _notes(isa: str) -> list[str]:
+    """What a reader needs to know of the two builds compared."""
+    if isa != "native":
+        return [
             "ISA avx2: an AVX2-only machine emulated on this CPU: streamgen ran its AVX2 "
             "kernels (STREAMGEN_NATIVE_ISA=avx2), llama.cpp a build without AVX-512 and "
             "VNNI (bench/llama_cpp_tools.py ISA_CMAKE_FLAGS['avx2']); this CPU's memory "
             "and clocks, not those of a real AVX2-only part."
-        ]} if args.isa != "native" else {}),
-    }  # fmt: skip
+        ]
+    if "amx_int8" in simd_flags():
+        return [
+            "This CPU has AMX: llama.cpp's native build compiles its AMX int8 kernels "
+            "(ggml's AMX buffer type, weights repacked at load); streamgen has none."
+        ]
+    return []
 
 
 async def _measure_streamgen(
