@@ -72,54 +72,75 @@ INLINE void block_scales(const sg_qformat *f, const uint8_t *tile, int b, __m512
     if (f->min_kind == SG_MIN_K) *mn = _mm512_mul_ps(dmin, u8_to_ps(m));
 }
 
-/* y[row0 .. row0 + NR, col0 .. col0 + 16) for one row group. */
-INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
-                       const int NR, float *y, int64_t out, int64_t col0) {
+/* y[row0 .. row0 + NR, col0 .. col0 + 16 NG) for NG consecutive row groups from group
+ * (group_bytes apart), NG * NR <= ROW_TILE. Each output's arithmetic is the same
+ * whatever NG is (the groups only interleave): several groups at once keep several
+ * weight streams and accumulator chains in flight for a decode's one or two rows. */
+INLINE void groups_rows(const sg_qformat *f, const uint8_t *group, int64_t group_bytes,
+                        const int NG, const sg_qact *a, int64_t row0, const int NR, float *y,
+                        int64_t out, int64_t col0) {
     const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
     const int64_t tile_bytes = sg_tile_bytes(f);
-    __m512 acc[ROW_TILE];
-    for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const uint8_t *tile = group + (blk / tb) * tile_bytes;
-        const int b = (int)(blk % tb);
-        __m512 dsup = _mm512_setzero_ps(), dmin = _mm512_setzero_ps();
-        if (f->sup_bytes) dsup = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f)));
-        if (f->min_kind == SG_MIN_K) dmin = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f) + 64));
-        __m512i wq[8];
-        unpack_block(f, tile, b, wq);
-        __m512 sc0, sc1 = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
-        block_scales(f, tile, b, dsup, dmin, &sc0, &sc1, &mn);
-        for (int r = 0; r < NR; r++) {
-            const int64_t row = row0 + r, at = row * blocks + blk;
-            const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
-            /* two chains of four: quads 0-3 (inputs 0-15), quads 4-7 (16-31) */
-            __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], bcast4(aq));
-            __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[4], bcast4(aq + 16));
-            for (int j = 1; j < 4; j++) {
-                lo = _mm512_dpbusd_epi32(lo, wq[j], bcast4(aq + 4 * j));
-                hi = _mm512_dpbusd_epi32(hi, wq[j + 4], bcast4(aq + 16 + 4 * j));
+    __m512 accs[ROW_TILE];
+    for (int i = 0; i < NG * NR; i++) accs[i] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++)
+        for (int gi = 0; gi < NG; gi++) {
+            __m512 *acc = accs + gi * NR;
+            const uint8_t *tile = group + gi * group_bytes + (blk / tb) * tile_bytes;
+            const int b = (int)(blk % tb);
+            __m512 dsup = _mm512_setzero_ps(), dmin = _mm512_setzero_ps();
+            if (f->sup_bytes) dsup = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f)));
+            if (f->min_kind == SG_MIN_K) dmin = _mm512_loadu_ps((const float *)(tile + sg_sup_offset(f) + 64));
+            __m512i wq[8];
+            unpack_block(f, tile, b, wq);
+            __m512 sc0, sc1 = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+            block_scales(f, tile, b, dsup, dmin, &sc0, &sc1, &mn);
+            for (int r = 0; r < NR; r++) {
+                const int64_t row = row0 + r, at = row * blocks + blk;
+                const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
+                /* two chains of four: quads 0-3 (inputs 0-15), quads 4-7 (16-31) */
+                __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], bcast4(aq));
+                __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[4], bcast4(aq + 16));
+                for (int j = 1; j < 4; j++) {
+                    lo = _mm512_dpbusd_epi32(lo, wq[j], bcast4(aq + 4 * j));
+                    hi = _mm512_dpbusd_epi32(hi, wq[j + 4], bcast4(aq + 16 + 4 * j));
+                }
+                const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
+                const __m512 da = _mm512_set1_ps(a->d[at]);
+                if (f->sub == 32) {
+                    __m512i isum = _mm512_add_epi32(lo, hi);
+                    if (f->zp) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(f->zp * (s16[0] + s16[1])));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sc0, da), acc[r]);
+                } else {
+                    lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(f->zp * s16[0]));
+                    hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(f->zp * s16[1]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(sc0, da), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(sc1, da), acc[r]);
+                }
+                if (f->min_kind != SG_MIN_NONE) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->ds[at]), acc[r]);
             }
-            const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
-            const __m512 da = _mm512_set1_ps(a->d[at]);
-            if (f->sub == 32) {
-                __m512i isum = _mm512_add_epi32(lo, hi);
-                if (f->zp) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(f->zp * (s16[0] + s16[1])));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sc0, da), acc[r]);
-            } else {
-                lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(f->zp * s16[0]));
-                hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(f->zp * s16[1]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(sc0, da), acc[r]);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(sc1, da), acc[r]);
-            }
-            if (f->min_kind != SG_MIN_NONE) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->ds[at]), acc[r]);
         }
+    for (int gi = 0; gi < NG; gi++) {
+        const __m512 *acc = accs + gi * NR;
+        const int64_t col = col0 + gi * SG_GROUP_ROWS;
+        if (a->pairs) /* NR and row0 are even: each pair is one output row */
+            for (int r = 0; r + 1 < NR; r += 2)
+                _mm512_storeu_ps(y + (row0 + r) / 2 * out + col, _mm512_add_ps(acc[r], acc[r + 1]));
+        else
+            for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col, acc[r]);
     }
-    if (a->pairs) /* NR and row0 are even: each pair is one output row */
-        for (int r = 0; r + 1 < NR; r += 2)
-            _mm512_storeu_ps(y + (row0 + r) / 2 * out + col0, _mm512_add_ps(acc[r], acc[r + 1]));
-    else
-        for (int r = 0; r < NR; r++) _mm512_storeu_ps(y + (row0 + r) * out + col0, acc[r]);
 }
+
+/* One row group (the driver's kernel). */
+INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
+                       const int NR, float *y, int64_t out, int64_t col0) {
+    groups_rows(f, group, 0, 1, a, row0, NR, y, out, col0);
+}
+
+/* Decodes (1 or 2 rows: a pair) take GROUPS_AT_ONCE groups a pass (qgemm_driver.h). */
+enum { GROUPS_AT_ONCE = 4 };
+#define SG_GROUPS_AT_ONCE GROUPS_AT_ONCE
+#define groups_rows_of groups_rows
 
 #include "qgemm_driver.h"
 

@@ -15,6 +15,21 @@
 INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, float *y, int64_t ldy,
                  int64_t g0, int64_t g1) {
     const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
+#ifdef SG_GROUPS_AT_ONCE
+    /* A decode's one or two rows: several groups a pass (groups_rows_of; the same bits). */
+    if (a->m <= 2) {
+        int64_t g = g0;
+        for (; g + SG_GROUPS_AT_ONCE <= g1; g += SG_GROUPS_AT_ONCE) {
+            if (a->m == 1)
+                groups_rows_of(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 1,
+                               y, ldy, g * SG_GROUP_ROWS);
+            else
+                groups_rows_of(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 2,
+                               y, ldy, g * SG_GROUP_ROWS);
+        }
+        g0 = g;
+    }
+#endif
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *group = w->data + g * group_bytes;
         const int64_t col0 = g * SG_GROUP_ROWS;
