@@ -82,6 +82,8 @@ class NativeDecoder:
         # torch at prefill sizes too, and one code path makes a row's result independent
         # of the step it shares (batch invariance: see exp_shifted in simd_f32.h).
         self.max_rows = None if qctx is not None else MAX_NATIVE_ROWS
+        # The kernels take the model's window (the struct's), whatever a step says.
+        self.model_windowed = spec.sliding_window is not None or spec.local_window is not None
         self._layer_key: tuple[object, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None
 
@@ -109,9 +111,7 @@ class NativeDecoder:
         a quantized model) and its caches are contiguous CPU tensors the kernels read
         (float32, bfloat16 or float16)."""
         k_cache = kv_caches[0][0]
-        spec = self.model.spec  # the kernels take the model's window, whatever the step says
-        windows = (metadata.sliding_window, spec.sliding_window, spec.local_window)
-        windowed = any(window is not None for window in windows)
+        windowed = self.model_windowed or metadata.sliding_window is not None
         return (
             num_tokens > 0
             and (self.max_rows is None or num_tokens <= self.max_rows)

@@ -137,10 +137,8 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
     groups_rows(f, group, 0, 1, a, row0, NR, y, out, col0);
 }
 
-/* Decodes (1 or 2 rows: a pair) take GROUPS_AT_ONCE groups a pass (qgemm_driver.h). */
-enum { GROUPS_AT_ONCE = 4 };
-#define SG_GROUPS_AT_ONCE GROUPS_AT_ONCE
-#define groups_rows_of groups_rows
+/* Decodes (1 or 2 rows: a pair) take this many groups a pass (qgemm_driver.h). */
+#define SG_GROUPS_AT_ONCE 4
 
 #include "qgemm_driver.h"
 

@@ -5,6 +5,8 @@
  *   ROW_TILE     activation rows per register tile (8 or 4)
  *   group_rows   (f, group, a, row0, NR, y, ldy, col0): one row group's 16 outputs for
  *                rows [row0, row0 + NR), always inlined so NR is a constant
+ *   optionally SG_GROUPS_AT_ONCE and groups_rows (f, group, group_bytes, NG, a, row0, NR,
+ *                y, ldy, col0): NG consecutive groups a pass, for a decode's 1-2 rows
  * and gets gemm_<type>() entry points and SG_KERNEL_TABLE, their table.
  */
 #ifndef SG_QGEMM_DRIVER_H
@@ -16,15 +18,16 @@ INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, flo
                  int64_t g0, int64_t g1) {
     const int64_t group_bytes = (w->in_features / SG_QBLOCK / f->blocks_per_tile) * sg_tile_bytes(f);
 #ifdef SG_GROUPS_AT_ONCE
-    /* A decode's one or two rows: several groups a pass (groups_rows_of; the same bits). */
+    /* A decode's one or two rows: several groups a pass (the including file's
+     * groups_rows, where it defines SG_GROUPS_AT_ONCE; the same bits). */
     if (a->m <= 2) {
         int64_t g = g0;
         for (; g + SG_GROUPS_AT_ONCE <= g1; g += SG_GROUPS_AT_ONCE) {
             if (a->m == 1)
-                groups_rows_of(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 1,
+                groups_rows(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 1,
                                y, ldy, g * SG_GROUP_ROWS);
             else
-                groups_rows_of(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 2,
+                groups_rows(f, w->data + g * group_bytes, group_bytes, SG_GROUPS_AT_ONCE, a, 0, 2,
                                y, ldy, g * SG_GROUP_ROWS);
         }
         g0 = g;
