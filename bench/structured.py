@@ -104,7 +104,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ttft["new"].append(await first_token_s(engine, fresh_schema(i)))
             ttft["cached"].append(await first_token_s(engine, cached))
         core = engine._core
-        mask_ms_per_step = 1e3 * core.mask_seconds / max(1, core.num_steps) if core else 0.0
+        mask_ms_per_step = 1e3 * core.masks.seconds / max(1, core.num_steps) if core else 0.0
     medians = {key: statistics.median(values) for key, values in samples.items()}
     paired = {
         f"@{batch}": statistics.median(

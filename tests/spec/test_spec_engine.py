@@ -60,7 +60,7 @@ def test_greedy_output_is_identical_with_speculation(
 ) -> None:
     spec = spec_run(loaded, name, batch, budget=24)  # budget 24: prompts prefill in chunks
     assert spec.outputs == plain[batch]
-    total = spec.core.speculation
+    total = spec.core.spec.metrics
     assert total.verify_steps > 0 and total.accepted_tokens > 0
 
 
@@ -85,7 +85,7 @@ def test_draft_equal_to_target_accepts_every_draft_token(loaded) -> None:
     config = SpeculationConfig("draft_model", max_nodes=4, max_depth=4, branching=1,
                                draft_model="x", adaptive=False)
     run = run_core(loaded, prompts(4), GREEDY, config, draft=loaded)
-    total = run.core.speculation
+    total = run.core.spec.metrics
     assert total.draft_tokens > 50
     assert total.accepted_tokens == total.draft_tokens
     for metrics in run.metrics.values():
@@ -96,4 +96,4 @@ def test_draft_equal_to_target_accepts_every_draft_token(loaded) -> None:
 def test_per_request_switch_off_is_respected(loaded) -> None:
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, speculation=False)
     run = run_core(loaded, prompts(2), params, CONFIGS["ngram"])
-    assert run.core.speculation.verify_steps == 0
+    assert run.core.spec.metrics.verify_steps == 0

@@ -127,6 +127,6 @@ def engine_stats(core: EngineCore, *, healthy: bool) -> dict[str, Any]:
         # Small CPU decode steps in one native call (model/native_decode.py).
         "native_decode": core.runner.loaded.model.native_decoder is not None,
         "speculation": None
-        if core.drafter is None
-        else {"method": core.drafter.name, **core.speculation.as_dict()},
+        if core.spec.drafter is None
+        else {"method": core.spec.drafter.name, **core.spec.metrics.as_dict()},
     }

@@ -19,8 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from streamgen.engine.events import (
@@ -34,16 +33,14 @@ from streamgen.engine.events import (
     TokenEvent,
 )
 from streamgen.engine.metrics import RequestMetrics, ThroughputMeter
+from streamgen.engine.step_masks import StepMasks
+from streamgen.engine.step_speculation import StepSpeculation
 from streamgen.engine.validation import command_problem
 from streamgen.errors import EngineDeadError, RequestError, StreamgenError
-from streamgen.runner.batch import ModelBatch, RunnerOutput
 from streamgen.runner.model_runner import ModelRunner
-from streamgen.scheduler import FinishReason, Request, Scheduler, SchedulerOutput
-from streamgen.spec.drafter import Drafter, DraftInput
-from streamgen.spec.metrics import SpeculationMetrics
+from streamgen.scheduler import FinishReason, Request, Scheduler
+from streamgen.spec.drafter import Drafter
 from streamgen.spec.policy import SpeculationPolicy
-from streamgen.spec.tree import DraftTree
-from streamgen.structured.state import GrammarState, masks_for
 from streamgen.text import IncrementalDetokenizer, StopStringMatcher
 
 logger = logging.getLogger(__name__)
@@ -81,10 +78,8 @@ class EngineCore:
         self.runner = runner
         self.tokenizer = tokenizer
         self._deliver = deliver
-        self.drafter = drafter
-        self.policy = policy
-        self._speculate_by_default = speculate_by_default
-        self.speculation = SpeculationMetrics()
+        self.spec = StepSpeculation(drafter, policy, speculate_by_default)
+        self.masks = StepMasks(overlap_masks)
         self.throughput = ThroughputMeter()
         # Live requests' metrics, updated in place (queue time, speculation).
         self._metrics: dict[str, RequestMetrics] = {}
@@ -93,13 +88,10 @@ class EngineCore:
         self._unscheduled: set[str] = set()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._text: dict[str, _TextState] = {}
-        self._masker: ThreadPoolExecutor | None = None  # structured outputs' mask worker
-        self._overlap_masks = overlap_masks
         self._thread = threading.Thread(target=self._run, name="streamgen-core", daemon=True)
         self.error: BaseException | None = None
         self.num_steps = 0
         self.step_seconds = 0.0  # whole steps: scheduling, kernels, sampling, text, delivery
-        self.mask_seconds = 0.0  # structured outputs: computing the grammars' token masks
 
     # ----- called from the event loop ---------------------------------------------
     def start(self) -> None:
@@ -139,8 +131,7 @@ class EngineCore:
             self._deliver({rid: [StreamError(dead)] for rid in self._text})
             self._text.clear()
         finally:
-            if self._masker is not None:
-                self._masker.shutdown(wait=False)
+            self.masks.close()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False once Shutdown is seen."""
@@ -214,7 +205,7 @@ class EngineCore:
 
     def _step(self) -> bool:
         step_started = time.perf_counter()
-        self._set_draft_budgets()
+        self.spec.set_budgets(self.scheduler)
         output = self.scheduler.schedule()
         if output.is_empty:
             return False
@@ -226,27 +217,19 @@ class EngineCore:
                 self._metrics[rid].scheduled_at = now
         try:
             for rid in output.preempted_ids:
-                if self.drafter is not None:
-                    self.drafter.reset(rid)
+                self.spec.reset(rid)
             self.runner.apply_block_ops(
                 output.blocks_to_swap_out, output.blocks_to_swap_in, output.blocks_to_copy
             )
-            batch, trees = self._attach_drafts(output)
-            # Structured outputs: the masks are computed beside the forward (another
-            # thread; llguidance and the kernels both release the GIL) where the forward
-            # leaves CPUs free (a GPU, or fewer kernel threads than CPUs), else before it.
-            constrained = self._constrained_rows(batch) if self.scheduler.has_constrained() else []
-            masked = None
-            if constrained and self._overlap_masks:
-                masked = self._mask_worker().submit(self._constrain, batch, constrained).result
-            elif constrained:
-                batch = self._constrain(batch, constrained)
+            batch, trees = self.spec.attach_drafts(self.scheduler, output)
+            # Structured outputs: the masks, beside the forward or before it (step_masks).
+            batch, masked = self.masks.prepare(self.scheduler, batch)
             started = time.perf_counter()
             result = self.runner.execute(batch, masked)
             if masked is not None:
                 masked()  # done before update() advances the grammars (a no-op once taken)
             seconds = time.perf_counter() - started
-            self._record_speculation(batch, trees, result, seconds)
+            self.spec.record(batch, trees, result, seconds, self._metrics)
             token_events = self.scheduler.update(result)
         except Exception as exc:  # fail this step's requests, keep serving the rest
             logger.exception("step failed")
@@ -272,142 +255,11 @@ class EngineCore:
         self.step_seconds += time.perf_counter() - step_started
         return True
 
-    # ----- speculation ---------------------------------------------------------------
-
-    def _wants_speculation(self, request: Request) -> bool:
-        choice = request.params.speculation
-        return self._speculate_by_default if choice is None else choice
-
-    def _set_draft_budgets(self) -> None:
-        """Give each running request this step's draft budget from the policy."""
-        if self.drafter is None or self.policy is None:
-            return
-        sched = self.scheduler
-        running = [sched.get_request(rid) for rid in sched.running_ids()]
-        decoding = [
-            r for r in running if r is not None and r.num_tokens - r.num_computed_tokens == 1
-        ]
-        for req in decoding:
-            if self._wants_speculation(req):
-                nodes, depth = self.policy.budget(req.request_id, len(decoding))
-            else:
-                nodes, depth = 0, 0
-            req.max_draft_nodes, req.max_draft_depth = nodes, depth
-
-    def _attach_drafts(self, output: SchedulerOutput) -> tuple[ModelBatch, dict[str, DraftTree]]:
-        """Ask the drafter for the trees the scheduler made room for; put them in the batch."""
-        budgets = output.draft_budgets
-        if self.drafter is None or not budgets:
-            return output.batch, {}
-        started = time.perf_counter()
-        inputs: list[DraftInput] = []
-        for chunk in output.batch.chunks:
-            budget = budgets.get(chunk.request_id)
-            if budget is None:
-                continue
-            req = self.scheduler.get_request(chunk.request_id)
-            assert req is not None  # scheduled this step, so running
-            inputs.append(
-                DraftInput(
-                    chunk.request_id,
-                    req.prompt_token_ids,
-                    req.output_token_ids,
-                    req.num_computed_tokens,
-                    chunk.block_table,
-                    *budget,
-                )
-            )
-        proposals = self.drafter.propose(inputs)
-        trees = {
-            inp.request_id: tree.truncate(inp.max_nodes).limit_depth(inp.max_depth)
-            for inp, tree in zip(inputs, proposals, strict=True)
-        }
-        for rid, tree in trees.items():  # structured outputs: the branches the grammar allows
-            grammar = self.scheduler.get_request(rid).grammar  # type: ignore[union-attr]
-            if grammar is not None:
-                trees[rid] = grammar.cut_tree(tree)
-        trees = {rid: tree for rid, tree in trees.items() if len(tree)}
-        seconds = time.perf_counter() - started
-        self.speculation.draft_seconds += seconds
-        if self.policy is not None:
-            self.policy.observe_draft(sum(len(t) for t in trees.values()), seconds)
-        if not trees:
-            return output.batch, {}
-        chunks = [
-            chunk
-            if chunk.request_id not in trees
-            else replace(
-                chunk,
-                token_ids=[*chunk.token_ids, *trees[chunk.request_id].tokens],
-                tree=trees[chunk.request_id],
-            )
-            for chunk in output.batch.chunks
-        ]
-        return ModelBatch(chunks), trees
-
-    def _constrained_rows(self, batch: ModelBatch) -> list[tuple[int, GrammarState]]:
-        """The sampling chunks of constrained requests: (chunk index, grammar state)."""
-        rows: list[tuple[int, GrammarState]] = []
-        for i, chunk in enumerate(batch.chunks):
-            if chunk.sampling is None:
-                continue
-            req = self.scheduler.get_request(chunk.request_id)
-            if req is not None and req.grammar is not None:
-                rows.append((i, req.grammar))
-        return rows
-
-    def _mask_worker(self) -> ThreadPoolExecutor:
-        if self._masker is None:
-            self._masker = ThreadPoolExecutor(1, thread_name_prefix="streamgen-masks")
-        return self._masker
-
-    def _constrain(self, batch: ModelBatch, rows: list[tuple[int, GrammarState]]) -> ModelBatch:
-        """Structured outputs: each constrained sampling row gets its grammar's mask (the
-        decode rows' all at once, in parallel; a tree's nodes each after its path). Runs
-        on the mask worker while the core thread runs the forward: nothing else touches
-        these grammar states until the step's sampling waits for the result."""
-        started = time.perf_counter()
-        masks = masks_for([grammar for _, grammar in rows])  # [rows, words]
-        chunks = list(batch.chunks)
-        for (i, grammar), mask in zip(rows, masks, strict=True):
-            chunk = chunks[i]
-            assert chunk.sampling is not None
-            chunks[i] = replace(
-                chunk,
-                sampling=replace(chunk.sampling, allowed=mask),
-                tree_allowed=tuple(grammar.tree_masks(chunk.tree)) if chunk.tree else (),
-            )
-        self.mask_seconds += time.perf_counter() - started
-        return ModelBatch(chunks)
-
-    def _record_speculation(
-        self, batch: ModelBatch, trees: dict[str, DraftTree], result: RunnerOutput, seconds: float
-    ) -> None:
-        if self.policy is not None:
-            self.policy.observe_step(batch.num_tokens, seconds)
-        if not trees:
-            return
-        self.speculation.verify_seconds += seconds
-        emitted: dict[str, int] = {}
-        for rid in result.request_ids:
-            emitted[rid] = emitted.get(rid, 0) + 1
-        for rid, tree in trees.items():
-            accepted = emitted.get(rid, 1) - 1
-            self.speculation.record(len(tree), accepted)
-            metrics = self._metrics.get(rid)
-            if metrics is not None:
-                metrics.speculation.record(len(tree), accepted)
-            if self.policy is not None:
-                self.policy.observe_verify(rid, tree.max_depth, accepted)
-
     def _forget(self, request_id: str) -> None:
         self._metrics.pop(request_id, None)
         self._prompt_logprobs.pop(request_id, None)
         self._unscheduled.discard(request_id)
-        if self.drafter is not None:
-            self.drafter.forget(request_id)
-        if self.policy is not None:
-            self.policy.forget(request_id)
+        self.spec.forget(request_id)
 
     # ----- publishing ----------------------------------------------------------------
 

@@ -146,3 +146,18 @@ class Request:
                 f"request {rid!r}: prompt of {num_prompt} tokens needs {num_blocks} KV blocks "
                 f"of {block_size} tokens, the pool has {num_pool_blocks}"
             )
+
+
+def can_fork(parent: Request, child: Request) -> bool:
+    """Whether ``child`` can wait to fork off ``parent``: the same prompt, a token left to
+    compute each, the parent not past its hold point, neither scoring its prompt."""
+    num_prompt = len(parent.prompt_token_ids)
+    return (
+        parent.prompt_token_ids == child.prompt_token_ids
+        and num_prompt >= 2
+        and not parent.output_token_ids
+        and parent.num_computed_tokens <= num_prompt - 1
+        and parent.fork_parent is None
+        and parent.params.prompt_logprobs is None
+        and child.params.prompt_logprobs is None
+    )

@@ -62,7 +62,8 @@ from streamgen.scheduler.output import (
     make_chunk,
     victim_key,
 )
-from streamgen.scheduler.request import FinishReason, Request, RequestStatus
+from streamgen.scheduler.request import FinishReason, Request, RequestStatus, can_fork
+from streamgen.scheduler.update import sampled_tokens, take_tokens
 
 
 class Scheduler:
@@ -147,7 +148,7 @@ class Scheduler:
         self._requests[request.request_id] = request
         self._num_constrained += request.grammar is not None
         parent = self._requests.get(request.fork_parent or "")
-        if parent is not None and _can_fork(parent, request):
+        if parent is not None and can_fork(parent, request):
             request.status = RequestStatus.FORKING
             parent.hold_at = len(parent.prompt_token_ids) - 1
             self._forks.setdefault(parent.request_id, []).append(request)
@@ -266,27 +267,9 @@ class Scheduler:
 
         Requests aborted since that schedule are skipped.
         """
-        sampled: dict[str, list[int]] = {}
-        for rid, token in zip(output.request_ids, output.token_ids, strict=True):
-            sampled.setdefault(rid, []).append(token)
         drafts = self._last_drafts
         live = self._last_scheduled  # aborted requests were already dropped from it
-        expected = {
-            rid
-            for rid, n in live.items()
-            if self._requests[rid].num_computed_tokens + n == self._requests[rid].num_tokens
-        }
-        # Tokens of requests aborted since the schedule are dropped.
-        unexpected = {rid for rid in sampled if rid in self._requests} - expected
-        missing = expected - set(sampled)
-        if unexpected or missing:
-            raise ValueError(
-                f"runner output does not match the schedule: unexpected {sorted(unexpected)}, "
-                f"missing {sorted(missing)}"
-            )
-        bad = [rid for rid in expected if len(sampled[rid]) > 1 and rid not in drafts]
-        if bad:
-            raise ValueError(f"runner emitted several tokens for non-speculating {sorted(bad)}")
+        sampled, expected = sampled_tokens(output, live, self._requests, drafts)
         self._last_scheduled = {}
         self._last_drafts = {}
         events: list[TokenEvent] = []
@@ -301,17 +284,7 @@ class Scheduler:
             # Accepted draft tokens are computed (their K/V was moved into place);
             # the last token is new, like a plain step's sample.
             num_computed = req.num_computed_tokens + len(tokens) - 1
-            emitted: list[int] = []
-            reason = None
-            for token in tokens:
-                req.output_token_ids.append(token)
-                req.credit -= 1
-                emitted.append(token)
-                if req.grammar is not None:
-                    req.grammar.advance(token)
-                reason = req.finish_check(token, self.eos_token_ids, self._context_limit)
-                if reason is not None:
-                    break
+            emitted, reason = take_tokens(req, tokens, self.eos_token_ids, self._context_limit)
             req.num_computed_tokens = min(num_computed, req.num_tokens)
             bm.commit_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
             if rid in drafts and reason is None:
@@ -463,18 +436,3 @@ class Scheduler:
         self._num_constrained -= req.grammar is not None
         self._last_scheduled.pop(req.request_id, None)
         self._last_drafts.pop(req.request_id, None)
-
-
-def _can_fork(parent: Request, child: Request) -> bool:
-    """Whether ``child`` can wait to fork off ``parent``: the same prompt, a token left to
-    compute each, the parent not past its hold point, neither scoring its prompt."""
-    num_prompt = len(parent.prompt_token_ids)
-    return (
-        parent.prompt_token_ids == child.prompt_token_ids
-        and num_prompt >= 2
-        and not parent.output_token_ids
-        and parent.num_computed_tokens <= num_prompt - 1
-        and parent.fork_parent is None
-        and parent.params.prompt_logprobs is None
-        and child.params.prompt_logprobs is None
-    )
