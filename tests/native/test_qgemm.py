@@ -83,6 +83,24 @@ def test_matches_reference_arithmetic(ctx: QuantContext, qtype: QuantType, rows:
 
 
 @pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
+def test_a_row_gets_the_same_bits_alone_and_among_others(
+    ctx: QuantContext, qtype: QuantType
+) -> None:
+    """A decode's one or two rows take the kernels' interleaved several-groups path, more
+    rows the row tiles: each output's arithmetic is the same, so each row's bits are too
+    (what batch invariance rests on). 7 row groups: the interleave's passes and a rest."""
+    rng = np.random.default_rng(30 + int(qtype))
+    fmt = FORMATS[qtype]
+    n = 2 * fmt.tile_inputs
+    weight = packed_weight(random_unpacked(qtype, 16 * 7, n, rng))
+    x = torch.from_numpy(rng.standard_normal((17, n)).astype(np.float32))
+    together = ctx.linear(weight, x)
+    for rows in ((0,), (5,), (3, 4), (16,)):
+        alone = ctx.linear(weight, x[list(rows)])
+        torch.testing.assert_close(alone, together[list(rows)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", list(QuantType), ids=lambda t: t.name)
 def test_dequantize_matches_the_canonical_values(ctx: QuantContext, qtype: QuantType) -> None:
     rng = np.random.default_rng(7 + int(qtype))
     fmt = FORMATS[qtype]

@@ -117,60 +117,92 @@ INLINE __m256 i8_to_ps(const uint8_t *p) {
 }
 INLINE __m256 f16_to_ps(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-INLINE void half_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
-                      const int NR, int half, float *y, int64_t out, int64_t col0) {
+/* y[row0 .. row0 + NR) for slices of 8 outputs: halves [half0, half0 + NH) of NG
+ * consecutive row groups from group (group_bytes apart), NG NH NR float accumulators
+ * (at most 8). Each output's arithmetic is the same whichever slices share a pass (they
+ * only interleave). */
+INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group_bytes,
+                        const int NG, const int half0, const int NH, const sg_qact *a,
+                        int64_t row0, const int NR, float *y, int64_t out, int64_t col0) {
     const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
     const int64_t tile_bytes = sg_tile_bytes(f);
     const int zp = zero_point(f);
-    __m256 acc[SG_ROW_TILE];
-    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const uint8_t *tile = group + (blk / tb) * tile_bytes;
-        const int b = (int)(blk % tb);
-        __m256i wq[8];
-        unpack_half(f, tile, b, half, wq);
-        const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
-        const uint8_t *mp = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
-        const float *sup = (const float *)(tile + sg_sup_offset(f)) + 8 * half;
-        __m256 sc0, sc1 = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
-        if (f->scale_kind == SG_SCALE_F16) sc0 = f16_to_ps(sc + 16 * half);
-        else if (f->scale_kind == SG_SCALE_K_U8) sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), u8_to_ps(sc + 8 * half));
-        else {
-            sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 8 * half));
-            sc1 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 16 + 8 * half));
-        }
-        if (f->min_kind == SG_MIN_F16) mn = f16_to_ps(mp + 16 * half);
-        if (f->min_kind == SG_MIN_K) mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
-        for (int r = 0; r < NR; r++) {
-            const int64_t row = row0 + r, at = row * blocks + blk;
-            const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
-            const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
-            const __m256 da = _mm256_set1_ps(a->d[at]);
-            if (f->sub == 32) {
-                __m256i isum = dot_quads(f, wq, aq, 0, 8);
-                if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc0, da), acc[r]);
-            } else {
-                const __m256i lo = _mm256_sub_epi32(dot_quads(f, wq, aq, 0, 4), _mm256_set1_epi32(zp * s16[0]));
-                const __m256i hi = _mm256_sub_epi32(dot_quads(f, wq, aq, 4, 4), _mm256_set1_epi32(zp * s16[1]));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc0, da), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc1, da), acc[r]);
+    __m256 accs[8];
+    for (int i = 0; i < NG * NH * NR; i++) accs[i] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++)
+#pragma GCC unroll 8
+        for (int slice = 0; slice < NG * NH; slice++) {
+            const int half = half0 + slice % NH;
+            __m256 *acc = accs + slice * NR;
+            const uint8_t *tile = group + (slice / NH) * group_bytes + (blk / tb) * tile_bytes;
+            const int b = (int)(blk % tb);
+            __m256i wq[8];
+            unpack_half(f, tile, b, half, wq);
+            const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
+            const uint8_t *mp = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
+            const float *sup = (const float *)(tile + sg_sup_offset(f)) + 8 * half;
+            __m256 sc0, sc1 = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
+            if (f->scale_kind == SG_SCALE_F16) sc0 = f16_to_ps(sc + 16 * half);
+            else if (f->scale_kind == SG_SCALE_K_U8) sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), u8_to_ps(sc + 8 * half));
+            else {
+                sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 8 * half));
+                sc1 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 16 + 8 * half));
             }
-            if (f->min_kind != SG_MIN_NONE) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->ds[at]), acc[r]);
+            if (f->min_kind == SG_MIN_F16) mn = f16_to_ps(mp + 16 * half);
+            if (f->min_kind == SG_MIN_K) mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
+#pragma GCC unroll 8
+            for (int r = 0; r < NR; r++) {
+                const int64_t row = row0 + r, at = row * blocks + blk;
+                const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
+                const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
+                const __m256 da = _mm256_set1_ps(a->d[at]);
+                if (f->sub == 32) {
+                    __m256i isum = dot_quads(f, wq, aq, 0, 8);
+                    if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc0, da), acc[r]);
+                } else {
+                    const __m256i lo = _mm256_sub_epi32(dot_quads(f, wq, aq, 0, 4), _mm256_set1_epi32(zp * s16[0]));
+                    const __m256i hi = _mm256_sub_epi32(dot_quads(f, wq, aq, 4, 4), _mm256_set1_epi32(zp * s16[1]));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc0, da), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc1, da), acc[r]);
+                }
+                if (f->min_kind != SG_MIN_NONE) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->ds[at]), acc[r]);
+            }
         }
+    for (int slice = 0; slice < NG * NH; slice++) {
+        const __m256 *acc = accs + slice * NR;
+        const int64_t col = col0 + (slice / NH) * SG_GROUP_ROWS + 8 * (half0 + slice % NH);
+        if (a->pairs) /* NR and row0 are even: each pair is one output row */
+            for (int r = 0; r + 1 < NR; r += 2)
+                _mm256_storeu_ps(y + (row0 + r) / 2 * out + col, _mm256_add_ps(acc[r], acc[r + 1]));
+        else
+            for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col, acc[r]);
     }
-    if (a->pairs) /* NR and row0 are even: each pair is one output row */
-        for (int r = 0; r + 1 < NR; r += 2)
-            _mm256_storeu_ps(y + (row0 + r) / 2 * out + col0 + 8 * half, _mm256_add_ps(acc[r], acc[r + 1]));
-    else
-        for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col0 + 8 * half, acc[r]);
 }
 
+/* NG consecutive row groups, both halves in one pass (the driver's decode hook): for a
+ * decode's one or two rows, 2 NG weight streams and accumulator chains in flight, and
+ * each 64-byte line of quads used whole in one pass. */
+INLINE void groups_rows(const sg_qformat *f, const uint8_t *group, int64_t group_bytes,
+                        const int NG, const sg_qact *a, int64_t row0, const int NR, float *y,
+                        int64_t out, int64_t col0) {
+    slices_rows(f, group, group_bytes, NG, 0, 2, a, row0, NR, y, out, col0);
+}
+
+/* One row group (the driver's kernel): up to 2 rows both halves in one pass, more rows
+ * a half at a time (NR accumulators beside the 8 unpacked quads). */
 INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact *a, int64_t row0,
                        const int NR, float *y, int64_t out, int64_t col0) {
-    half_rows(f, group, a, row0, NR, 0, y, out, col0);
-    half_rows(f, group, a, row0, NR, 1, y, out, col0);
+    if (NR <= 2) {
+        slices_rows(f, group, 0, 1, 0, 2, a, row0, NR, y, out, col0);
+        return;
+    }
+    slices_rows(f, group, 0, 1, 0, 1, a, row0, NR, y, out, col0);
+    slices_rows(f, group, 0, 1, 1, 1, a, row0, NR, y, out, col0);
 }
+
+/* Decodes (1 or 2 rows: a pair) take this many groups a pass (qgemm_driver.h). */
+#define SG_GROUPS_AT_ONCE 2
 
 #include "qgemm_driver.h"
 
