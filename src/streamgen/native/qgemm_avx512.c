@@ -83,7 +83,10 @@ INLINE void groups_rows(const sg_qformat *f, const uint8_t *group, int64_t group
     const int64_t tile_bytes = sg_tile_bytes(f);
     __m512 accs[ROW_TILE];
     for (int i = 0; i < NG * NR; i++) accs[i] = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < blocks; blk++)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        if (NR <= 2) /* weight streams ahead of the loads (a decode is latency-bound) */
+            for (int gi = 0; gi < NG; gi++)
+                sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
         for (int gi = 0; gi < NG; gi++) {
             __m512 *acc = accs + gi * NR;
             const uint8_t *tile = group + gi * group_bytes + (blk / tb) * tile_bytes;
@@ -120,6 +123,7 @@ INLINE void groups_rows(const sg_qformat *f, const uint8_t *group, int64_t group
                 if (f->min_kind != SG_MIN_NONE) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->ds[at]), acc[r]);
             }
         }
+    }
     for (int gi = 0; gi < NG; gi++) {
         const __m512 *acc = accs + gi * NR;
         const int64_t col = col0 + gi * SG_GROUP_ROWS;

@@ -49,6 +49,17 @@ extern const sg_qgemm_fn sg_qgemm_avx512vnni[SG_QTYPES];
 void sg_quantize_rows_avx2(const float *x, int64_t m, int64_t in, sg_qact *a);
 void sg_quantize_rows_avxvnni(const float *x, int64_t m, int64_t in, sg_qact *a);
 
+/* Software prefetch of a row group's weight bytes SG_PREFETCH_BYTES ahead of block blk
+ * (the group read as one stream of bytes_per_block per block): a decode's kernel has
+ * too few loads in flight for the hardware prefetchers to hide L3 / DRAM latency across
+ * many small weights. A prefetch past the end is harmless (never faults). */
+enum { SG_PREFETCH_BYTES = 2048 };
+static inline __attribute__((always_inline)) void sg_prefetch_ahead(const uint8_t *group, int64_t blk,
+                                                                    int64_t bytes_per_block) {
+    const uint8_t *p = group + blk * bytes_per_block + SG_PREFETCH_BYTES;
+    for (int64_t line = 0; line < bytes_per_block; line += 64) __builtin_prefetch(p + line, 0, 3);
+}
+
 /* Activation rows per register tile of the 256-bit kernels: each unpacked weight block
  * serves this many (the AVX-512 file sets its own). */
 enum { SG_ROW_TILE = 4 };

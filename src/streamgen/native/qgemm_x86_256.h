@@ -129,7 +129,10 @@ INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group
     const int zp = zero_point(f);
     __m256 accs[8];
     for (int i = 0; i < NG * NH * NR; i++) accs[i] = _mm256_setzero_ps();
-    for (int64_t blk = 0; blk < blocks; blk++)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        if (NR <= 2) /* weight streams ahead of the loads (a decode is latency-bound) */
+            for (int gi = 0; gi < NG; gi++)
+                sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
 #pragma GCC unroll 8
         for (int slice = 0; slice < NG * NH; slice++) {
             const int half = half0 + slice % NH;
@@ -169,6 +172,7 @@ INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group
                 if (f->min_kind != SG_MIN_NONE) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->ds[at]), acc[r]);
             }
         }
+    }
     for (int slice = 0; slice < NG * NH; slice++) {
         const __m256 *acc = accs + slice * NR;
         const int64_t col = col0 + (slice / NH) * SG_GROUP_ROWS + 8 * (half0 + slice % NH);
