@@ -50,9 +50,11 @@ void sg_quantize_rows_avx2(const float *x, int64_t m, int64_t in, sg_qact *a);
 void sg_quantize_rows_avxvnni(const float *x, int64_t m, int64_t in, sg_qact *a);
 
 /* Software prefetch of a row group's weight bytes SG_PREFETCH_BYTES ahead of block blk
- * (the group read as one stream of bytes_per_block per block): a decode's kernel has
- * too few loads in flight for the hardware prefetchers to hide L3 / DRAM latency across
- * many small weights. A prefetch past the end is harmless (never faults). */
+ * (the group read as one stream of bytes_per_block per block): a step streams ~100
+ * small weights, each too short for the hardware prefetchers to ramp up, and a kernel
+ * has too few loads in flight to hide L3 / DRAM latency itself (decodes most: a row
+ * tile's later passes over a group find it in L1 and prefetch lines already there). A
+ * prefetch past the end is harmless (never faults). */
 enum { SG_PREFETCH_BYTES = 2048 };
 static inline __attribute__((always_inline)) void sg_prefetch_ahead(const uint8_t *group, int64_t blk,
                                                                     int64_t bytes_per_block) {

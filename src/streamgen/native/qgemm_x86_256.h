@@ -130,7 +130,7 @@ INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group
     __m256 accs[8];
     for (int i = 0; i < NG * NH * NR; i++) accs[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
-        if (NR <= 2) /* weight streams ahead of the loads (a decode is latency-bound) */
+        /* each group's weight stream ahead of its loads (qgemm_kernels.h) */
             for (int gi = 0; gi < NG; gi++)
                 sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
 #pragma GCC unroll 8
