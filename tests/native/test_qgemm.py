@@ -95,7 +95,7 @@ def test_a_row_gets_the_same_bits_alone_and_among_others(
     weight = packed_weight(random_unpacked(qtype, 16 * 7, n, rng))
     x = torch.from_numpy(rng.standard_normal((17, n)).astype(np.float32))
     together = ctx.linear(weight, x)
-    for rows in ((0,), (5,), (3, 4), (16,)):
+    for rows in ((0,), (5,), (3, 4), (16,), (2, 7, 9, 11, 13)):
         alone = ctx.linear(weight, x[list(rows)])
         torch.testing.assert_close(alone, together[list(rows)], rtol=0, atol=0)
 
