@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -105,7 +106,7 @@ def llama_server_concurrent(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait_healthy(port)
+        _wait_healthy(port, server)
         tokens: list[int] = []
 
         def one(prompt: list[int]) -> None:
@@ -128,8 +129,12 @@ def llama_server_concurrent(
         server.wait(timeout=30)
 
 
-def _wait_healthy(port: int) -> None:
+def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:
     for _ in range(600):
+        if server.poll() is not None:  # died while loading: say how, at once
+            code = server.returncode
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            raise RuntimeError(f"llama-server stopped before it was healthy ({how})")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                 if r.status == 200:
