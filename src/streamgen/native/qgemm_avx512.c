@@ -85,8 +85,7 @@ INLINE void groups_rows(const sg_qformat *f, const uint8_t *group, int64_t group
     for (int i = 0; i < NG * NR; i++) accs[i] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
         /* each group's weight stream ahead of its loads (qgemm_kernels.h) */
-            for (int gi = 0; gi < NG; gi++)
-                sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
+        for (int gi = 0; gi < NG; gi++) sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
         for (int gi = 0; gi < NG; gi++) {
             __m512 *acc = accs + gi * NR;
             const uint8_t *tile = group + gi * group_bytes + (blk / tb) * tile_bytes;

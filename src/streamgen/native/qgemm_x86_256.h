@@ -131,8 +131,7 @@ INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group
     for (int i = 0; i < NG * NH * NR; i++) accs[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
         /* each group's weight stream ahead of its loads (qgemm_kernels.h) */
-            for (int gi = 0; gi < NG; gi++)
-                sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
+        for (int gi = 0; gi < NG; gi++) sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
 #pragma GCC unroll 8
         for (int slice = 0; slice < NG * NH; slice++) {
             const int half = half0 + slice % NH;

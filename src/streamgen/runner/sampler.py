@@ -131,16 +131,17 @@ class Sampler:
         logits = apply_allowed(logits, requests)
         logits = self._mask_min_tokens(logits, requests)
 
-        token_ids = argmax_rows(logits)  # [num_rows]
         random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
-        if len(random_rows) == len(requests):
+        if len(random_rows) == len(requests):  # no greedy row: no argmax pass
             token_ids = self._sample_random(logits, requests)
-        elif random_rows:
-            index = _to_device(random_rows, torch.long, logits.device)  # [num_random]
-            sampled = self._sample_random(
-                logits.index_select(0, index), [requests[row] for row in random_rows]
-            )
-            token_ids = token_ids.index_copy(0, index, sampled)
+        else:
+            token_ids = argmax_rows(logits)  # [num_rows]
+            if random_rows:
+                index = _to_device(random_rows, torch.long, logits.device)  # [num_random]
+                sampled = self._sample_random(
+                    logits.index_select(0, index), [requests[row] for row in random_rows]
+                )
+                token_ids = token_ids.index_copy(0, index, sampled)
 
         chosen_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [num_rows]
         top_logprobs = _top_logprobs(logprobs, params)
