@@ -15,6 +15,7 @@ from streamgen import OfflineGenerator, SamplingParams, load_model
 from streamgen.checkpoint import default_gguf_path
 from streamgen.engine import Engine, EngineConfig
 from streamgen.model.linear import Linear
+from streamgen.model.quantized import kernel_context
 from streamgen.runner.batch import ModelBatch, SequenceChunk
 from streamgen.runner.kv_cache import KVCacheConfig
 from streamgen.runner.model_runner import ModelRunner
@@ -225,6 +226,25 @@ async def test_speculation_keeps_greedy_output_on_the_quantized_path(quantized) 
             stats = engine.stats()
     assert outputs[0] == outputs[1]
     assert stats["speculation"]["accepted_tokens"] > 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_engine_gives_a_loaded_model_its_threads(gguf_path: Path, quantized) -> None:
+    """EngineConfig.threads sizes the kernel pool of a model loaded with another count
+    (it used to keep the load's pool: every CPU), with the same tokens."""
+    loaded = load_model(gguf_path, threads=1, load_tokenizer=False)
+    context = kernel_context(loaded.model)
+    assert context is not None and context.threads == 1
+    prompt = chat_ids(quantized.tokenizer, "Name three colours.")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = []
+    for threads in (2, 1):
+        config = EngineConfig(threads=threads, kv_cache_bytes=64 << 20, max_model_len=1024)
+        async with Engine(loaded, config) as engine:
+            assert context.threads == threads
+            tokens.append([e.token_id async for e in engine.stream(prompt, params)])
+    assert tokens[0] == tokens[1] == OfflineGenerator(quantized).generate([prompt], params)[0]
 
 
 def test_quantize_at_load_uses_llama_cpp_rounding(default_model_dir: Path, dense) -> None:

@@ -11,11 +11,14 @@ for every weight type, against numpy references of the same arithmetic.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from streamgen.checkpoint.gguf_quants import FORMATS, QuantType, packed_weight
+from streamgen.errors import ConfigError
 from streamgen.native.qkernels import Isa, QuantContext, supported_isas
 from tests.native.quant_reference import quantize_activations, random_unpacked, reference_gemm
 
@@ -135,6 +138,35 @@ def test_threads_give_the_same_result(threads: int) -> None:
     for _ in range(20):  # many runs through the pool's generations
         torch.testing.assert_close(many.linear(weight, x), one.linear(weight, x), rtol=0, atol=0)
     many.close()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_resize_swaps_the_pool_in_place() -> None:
+    """resize() starts and stops worker threads (counted by the OS) and the struct the
+    packed layers point to sees the new pool: the same bits at every size."""
+    rng = np.random.default_rng(12)
+    u = random_unpacked(QuantType.Q4_1, 16 * 37, 256, rng)
+    weight = packed_weight(u)
+    x = torch.from_numpy(rng.standard_normal((5, 256)).astype(np.float32))
+    ctx = QuantContext.create(threads=1)
+    struct = ctx.struct
+    expected = ctx.linear(weight, x)
+    base = _os_threads()
+    for threads, workers in ((3, 2), (2, 1), (1, 0), (4, 3)):
+        ctx.resize(threads)
+        assert (ctx.threads, _os_threads() - base) == (threads, workers)
+        assert ctx.struct is struct and (struct.pool is not None) == (threads > 1)
+        for _ in range(5):
+            torch.testing.assert_close(ctx.linear(weight, x), expected, rtol=0, atol=0)
+    with pytest.raises(ConfigError):
+        ctx.resize(0)
+    assert ctx.threads == 4
+    ctx.close()
+    assert _os_threads() == base
 
 
 @pytest.mark.parametrize("rows", (1, 3, 8))

@@ -26,7 +26,8 @@ class EngineConfig:
 
     dtype: str = "float32"
     # torch intra-op threads and the native kernels' worker pool (None: torch's setting,
-    # and every CPU this process may run on for the quantized kernels)
+    # and every CPU this process may run on for the quantized kernels; a LoadedModel's
+    # pool is resized to it when the engine starts)
     threads: int | None = None
     # "auto": a GGUF file (and the default model) in its own quantized types, a dense
     # checkpoint dense; None: dense weights in `dtype` (exact against HF transformers);

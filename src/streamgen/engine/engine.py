@@ -108,6 +108,13 @@ class Engine:
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         if isinstance(self._model_arg, LoadedModel):
+            if self.config.threads is not None:
+                from streamgen.model.quantized import kernel_context
+
+                # A model loaded with other threads: its kernel pool follows this engine.
+                context = kernel_context(self._model_arg.model)
+                if context is not None:
+                    context.resize(self.config.threads)
             return self._model_arg
         return load_model(
             self._model_arg,

@@ -85,3 +85,15 @@ class QuantizedEmbedding(nn.Module):
         return self.ctx.dequantize(self.packed, input_ids.reshape(-1)).reshape(
             *input_ids.shape, self.embedding_dim
         )
+
+
+def kernel_context(model: nn.Module) -> QuantContext | None:
+    """The kernel context (ISA and worker pool) a quantized model's packed modules share;
+    None for a dense model."""
+    for module in model.modules():
+        packed = getattr(module, "packed", None)
+        if isinstance(packed, PackedLinear):
+            return packed.ctx
+        if isinstance(module, QuantizedEmbedding):
+            return module.ctx
+    return None

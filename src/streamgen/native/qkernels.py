@@ -233,6 +233,22 @@ class QuantContext:
             raise ConfigError(f"ISA {chosen.name.lower()} is not supported by this CPU")
         return cls(lib, chosen, default_threads() if threads is None else threads)
 
+    def resize(self, threads: int) -> None:
+        """Runs the kernels on ``threads`` workers from now on (a new pool; the struct the
+        packed layers point to is updated in place). Only while no kernel runs."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads!r}: must be an int >= 1")
+        if threads == self.threads:
+            return
+        pool = self._lib.pool_create(threads) if threads > 1 else None
+        if threads > 1 and not pool:
+            raise NativeUnavailableError(f"cannot start {threads} native worker threads")
+        old, self._pool = self._pool, pool
+        self._struct.pool = pool
+        self.threads = threads
+        if old:
+            self._lib.pool_destroy(old)
+
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool:
