@@ -116,6 +116,13 @@ def test_dequantize_matches_the_canonical_values(ctx: QuantContext, qtype: Quant
     )
 
 
+@pytest.mark.parametrize("bad", ([24], [3, -1], [0, 1 << 40]))
+def test_dequantize_refuses_rows_outside_the_weight(ctx: QuantContext, bad: list[int]) -> None:
+    weight = packed_weight(random_unpacked(QuantType.Q8_0, 24, 64, np.random.default_rng(3)))
+    with pytest.raises(IndexError, match=r"outside \[0, 24\)"):
+        ctx.dequantize(weight, torch.tensor(bad))
+
+
 def test_bias_is_added(ctx: QuantContext) -> None:
     rng = np.random.default_rng(3)
     u = random_unpacked(QuantType.Q8_0, 20, 64, rng)
