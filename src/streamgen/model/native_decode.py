@@ -31,6 +31,7 @@ import torch
 
 from streamgen.attention.backend import AttentionMetadata
 from streamgen.model.linear import Linear as LinearLayer
+from streamgen.model.quantized import kernel_context
 from streamgen.model.rope import rotary_dim
 from streamgen.native.kernels import (
     ACTIVATION_CODES,
@@ -192,10 +193,8 @@ class NativeDecoder:
 def _packed_context(model: LlamaModel) -> Any:
     """A quantized model's kernel context (``ctypes.POINTER(QContextStruct)``: its ISA and
     the worker pool, which also runs the attention tiles), or None for dense models."""
-    for module in model.modules():
-        if isinstance(module, LinearLayer) and module.packed is not None:
-            return module.packed.struct.ctx
-    return None
+    context = kernel_context(model)
+    return None if context is None else ctypes.pointer(context.struct)
 
 
 def _linear(linear: LinearLayer) -> ctypes.Structure:

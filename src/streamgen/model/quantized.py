@@ -88,12 +88,10 @@ class QuantizedEmbedding(nn.Module):
 
 
 def kernel_context(model: nn.Module) -> QuantContext | None:
-    """The kernel context (ISA and worker pool) a quantized model's packed modules share;
-    None for a dense model."""
+    """The kernel context (ISA and worker pool) that a quantized model's packed layers
+    (and its packed embedding) share, made once at load; None for a dense model."""
     for module in model.modules():
         packed = getattr(module, "packed", None)
         if isinstance(packed, PackedLinear):
             return packed.ctx
-        if isinstance(module, QuantizedEmbedding):
-            return module.ctx
     return None

@@ -212,16 +212,11 @@ class QuantContext:
     """The ISA and the worker pool of the quantized kernels (one per model)."""
 
     def __init__(self, lib: _Library, isa: Isa, threads: int) -> None:
-        if threads < 1:
-            raise ConfigError(f"threads={threads}: must be >= 1")
         self._lib = lib
         self.isa = isa
         self.threads = threads
-        pool = lib.pool_create(threads) if threads > 1 else None
-        if threads > 1 and not pool:
-            raise NativeUnavailableError(f"cannot start {threads} native worker threads")
-        self._pool = pool
-        self._struct = QContextStruct(pool, int(isa), 0)
+        self._pool = self._start_pool(threads)
+        self._struct = QContextStruct(self._pool, int(isa), 0)
 
     @classmethod
     def create(cls, *, isa: Isa | None = None, threads: int | None = None) -> QuantContext:
@@ -236,18 +231,22 @@ class QuantContext:
     def resize(self, threads: int) -> None:
         """Runs the kernels on ``threads`` workers from now on (a new pool; the struct the
         packed layers point to is updated in place). Only while no kernel runs."""
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads={threads!r}: must be an int >= 1")
         if threads == self.threads:
             return
-        pool = self._lib.pool_create(threads) if threads > 1 else None
-        if threads > 1 and not pool:
-            raise NativeUnavailableError(f"cannot start {threads} native worker threads")
-        old, self._pool = self._pool, pool
-        self._struct.pool = pool
+        old, self._pool = self._pool, self._start_pool(threads)
+        self._struct.pool = self._pool
         self.threads = threads
         if old:
             self._lib.pool_destroy(old)
+
+    def _start_pool(self, threads: int) -> int | None:
+        """A worker pool of ``threads`` (None for one: the caller runs every task)."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads!r}: must be an int >= 1")
+        pool = self._lib.pool_create(threads) if threads > 1 else None
+        if threads > 1 and not pool:
+            raise NativeUnavailableError(f"cannot start {threads} native worker threads")
+        return pool
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
