@@ -52,6 +52,25 @@ static inline const float *head_block(const void *cache, int32_t dt, int64_t off
     return buf;
 }
 
+/* Prefetch one KV head's vectors of the count keys of a block (elements from off, row
+ * stride row_elems, esize-byte elements): blocks are scattered pages a few KB long, too
+ * short for the hardware prefetchers to ramp up on, so a pass over block b asks for
+ * block b + 1 (a prefetch changes no result). */
+/* Prefetch keys [k0, k1) of one KV head's vectors in a block (elements from off, row
+ * stride row_elems, esize-byte elements). Blocks are scattered pages a few KB long, too
+ * short for the hardware prefetchers to ramp up on, so each PREFETCH_KEYS keys of a pass
+ * over block b first ask for the same keys of block b + 1: a few lines at a time, spread
+ * over the pass rather than a burst that stalls on the line-fill buffers. A prefetch
+ * changes no result. */
+enum { PREFETCH_KEYS = 8 };
+static inline void prefetch_keys(const void *cache, int64_t esize, int64_t off, int64_t k0,
+                                 int64_t k1, int64_t row_elems, int64_t D) {
+    const char *p = (const char *)cache + off * esize;
+    for (int64_t k = k0; k < k1; k++)
+        for (int64_t byte = 0; byte < D * esize; byte += 64)
+            __builtin_prefetch(p + k * row_elems * esize + byte, 0, 3);
+}
+
 /* The build's own table (AVX2 + FMA, or scalar): attention_tiles.h's loops. */
 static void scores_built(const float *const *q, int64_t nq, const float *kb, int64_t stride,
                          int64_t count, int64_t D, float scale, float *s, int64_t s_stride,
@@ -179,14 +198,24 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     const int in_place = dt == SG_F16 && kn->scores_f16 != NULL && D % 16 == 0 &&
                          nq <= kn->f16_max_queries;
     /* scores[j * n + key] */
+    const int64_t esize = dt == SG_F32 ? 4 : 2;
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
         const int64_t off = table[blk] * bs * row_elems + head_off;
+        /* what the pass reads next: the next block's keys, or the first block's values */
+        const int last = key + count >= nv;
+        const void *next_cache = last ? a->v_cache : a->k_cache;
+        const int64_t next_off = table[last ? 0 : blk + 1] * bs * row_elems + head_off;
+        const int64_t next_count = last ? (nv < bs ? nv : bs) : (nv - key - count < bs ? nv - key - count : bs);
         int64_t stride = row_elems;
         const float *kb = in_place ? NULL : head_block(a->k_cache, dt, off, count, row_elems, D,
                                                        widened, &stride);
-        for (int64_t c = 0; c < count; c += SG_KEY_CHUNK) {
-            const int64_t chunk = count - c < SG_KEY_CHUNK ? count - c : SG_KEY_CHUNK;
+        for (int64_t c = 0; c < count; c += PREFETCH_KEYS) {
+            const int64_t chunk = count - c < PREFETCH_KEYS ? count - c : PREFETCH_KEYS;
+            const int64_t p1 = c + chunk < next_count ? c + chunk : next_count;
+            prefetch_keys(next_cache, esize, next_off, c, p1, row_elems, D);
+            if (c + chunk >= count) /* the rest of the next block's keys */
+                prefetch_keys(next_cache, esize, next_off, p1, next_count, row_elems, D);
             if (in_place)
                 kn->scores_f16(qs, nq, (const uint16_t *)a->k_cache + off + c * stride, stride,
                                chunk, D, md->scale, scores + key + c, n, scratch);
@@ -221,10 +250,23 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
     for (int64_t blk = 0, key = 0; key < nv; blk++) {
         const int64_t count = key + bs < nv ? bs : nv - key;
         const int64_t off = table[blk] * bs * row_elems + head_off;
-        for (int64_t j = 0; j < nq; j++) ps[j] = scores + j * n + key;
-        if (in_place) {
-            kn->values_f16(ps, os, nq, (const uint16_t *)a->v_cache + off, row_elems, count, D);
+        const int64_t next_count = nv - key - count < bs ? nv - key - count : bs;
+        const int64_t next_off = next_count > 0 ? table[blk + 1] * bs * row_elems + head_off : 0;
+        if (in_place) { /* keys in runs of PREFETCH_KEYS: each output adds its terms in key
+                         * order, so the runs give the bits of one call */
+            for (int64_t c = 0; c < count; c += PREFETCH_KEYS) {
+                const int64_t chunk = count - c < PREFETCH_KEYS ? count - c : PREFETCH_KEYS;
+                const int64_t p1 = c + chunk < next_count ? c + chunk : next_count;
+                prefetch_keys(a->v_cache, esize, next_off, c, p1, row_elems, D);
+                if (c + chunk >= count)
+                    prefetch_keys(a->v_cache, esize, next_off, p1, next_count, row_elems, D);
+                for (int64_t j = 0; j < nq; j++) ps[j] = scores + j * n + key + c;
+                kn->values_f16(ps, os, nq, (const uint16_t *)a->v_cache + off + c * row_elems,
+                               row_elems, chunk, D);
+            }
         } else {
+            prefetch_keys(a->v_cache, esize, next_off, 0, next_count, row_elems, D);
+            for (int64_t j = 0; j < nq; j++) ps[j] = scores + j * n + key;
             int64_t stride;
             const float *vb = head_block(a->v_cache, dt, off, count, row_elems, D, widened, &stride);
             kn->values(ps, os, nq, vb, stride, count, D);
