@@ -77,7 +77,10 @@ def test_mixed_steps_match_reference(
 ) -> None:
     backend = NativeAttentionBackend(max_native_chunk=max_native_chunk, kernels=kernels)
     for seed, kwargs in enumerate(
-        [dict(tree_seqs=frozenset({7})), dict(), dict(sliding_window=20), dict(softcap=1.5)]
+        [dict(tree_seqs=frozenset({7})), dict(), dict(sliding_window=20), dict(softcap=1.5),
+         # a window over a tree: from each node's depth, into the prefix (20) or the tree (3)
+         dict(tree_seqs=frozenset({7}), sliding_window=20),
+         dict(tree_seqs=frozenset({7}), sliding_window=3)]
     ):
         step = make_step(SEQ_LENS, QUERY_LENS, seed, head_dim=head_dim, **kwargs)  # type: ignore[arg-type]
         error, _ = errors(backend, step)
@@ -88,6 +91,27 @@ def test_mixed_steps_match_reference(
         expected_native = sum(1 for q in QUERY_LENS if q <= max_native_chunk)
         assert plan.native.metadata.num_seqs == expected_native
         assert (plan.reference is None) == (expected_native == len(QUERY_LENS))
+
+
+def test_a_window_over_a_tree_counts_from_each_nodes_depth(kernels: NativeKernels) -> None:
+    """Node 3 of the tree 0 <- 1, 0 <- 2 <- 3 sits at slot 3 and depth 2: a window of 20
+    after 37 cached tokens shows it keys 20..36 of the prefix (a decode of its token at
+    position 39 would), where its slot would show 21..36. The kernel gives the reference's
+    rows, and the slot's rule (the same keys seen as a chain's) would not."""
+    backend = NativeAttentionBackend(kernels=kernels)
+    query, k_cache, v_cache, metadata = make_step([41], [4], seed=11, sliding_window=20)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    metadata = dataclasses.replace(metadata, tree_mask=tree)
+    out = backend.attend(query, k_cache, v_cache, metadata, 0.125)
+    expected = TorchReferenceBackend().attend(query, k_cache, v_cache, metadata, 0.125)
+    assert float((out - expected).abs().max()) < 1e-5
+    by_slot = dataclasses.replace(metadata, sliding_window=None, tree_mask=None)
+    shifted = make_step([41], [4], seed=11)[3]  # the chain: node 3 at position 40
+    assert by_slot.seq_lens_list == shifted.seq_lens_list
+    chain = TorchReferenceBackend().attend(
+        query, k_cache, v_cache, dataclasses.replace(shifted, sliding_window=20), 0.125
+    )
+    assert float((chain[3] - expected[3]).abs().max()) > 1e-3  # key 20 is in one, not the other
 
 
 def test_a_wrong_visibility_rule_would_fail(kernels: NativeKernels) -> None:
@@ -152,11 +176,12 @@ def test_bfloat16_cache_within_rounding(kernels: NativeKernels) -> None:
     assert error <= 1e-2 * max(1.0, scale)  # both compute in float32; outputs round to bf16
 
 
-def test_tree_with_sliding_window_goes_to_the_reference(kernels: NativeKernels) -> None:
+def test_tree_with_sliding_window_runs_in_the_kernel(kernels: NativeKernels) -> None:
     backend = NativeAttentionBackend(kernels=kernels)
     step = make_step([40, 17], [6, 1], seed=6, sliding_window=20, tree_seqs=frozenset({0}))
     error, _ = errors(backend, step)
-    assert backend._plan is None and error < 1e-5
+    plan = backend._plan
+    assert plan is not None and plan.reference is None and error < 1e-5
 
 
 def test_bad_arguments_are_refused(kernels: NativeKernels) -> None:

@@ -130,7 +130,8 @@ async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
     """The engine paths beyond the forward: a draft model of the same family (the model's
     own checkpoint) and self-speculation, and preemption by recompute and swap over a
     prefix-cached pool, each give the plain greedy tokens. Windowed families (Mistral,
-    the Gemmas: prompts and outputs run past their windows) speculate in chains."""
+    the Gemmas: prompts and outputs run past their windows) draft branching trees too,
+    each node's window counted from its depth (the CPU backends)."""
     from streamgen import EngineConfig, SpeculationConfig
 
     _, path, _ = family
@@ -140,7 +141,7 @@ async def test_speculation_prefix_cache_and_preemption_keep_greedy_outputs(
                         SpeculationConfig(method="draft_model", draft_model=str(path),
                                           adaptive=False)):  # fmt: skip
         config = EngineConfig(num_kv_blocks=64, speculation=speculation)
-        outputs, stats = await _engine_outputs(loaded, config, GREEDY)  # windowed: chains
+        outputs, stats = await _engine_outputs(loaded, config, GREEDY)
         assert outputs == expected, speculation.method
         assert stats["speculation"]["draft_tokens"] > 0
     for mode, host in (("recompute", 0), ("swap", 64)):

@@ -85,9 +85,14 @@ async def test_self_layers_must_leave_layers_to_skip(loaded) -> None:
         await Engine(loaded, config).start()
 
 
-def test_sliding_window_models_speculate_in_chains(tmp_path: Path) -> None:
-    """A windowed model's drafts are chains, whose verify steps carry no tree mask (a
-    causal chunk: every backend applies the window); a branching tree keeps its mask."""
+def test_sliding_window_models_branch_where_the_backend_counts_windows_from_depth(
+    tmp_path: Path,
+) -> None:
+    """A windowed model's drafts branch on the backends whose window over a tree counts
+    from each node's depth (the torch reference, the native kernels), and are chains on
+    the others, whose verify steps carry no tree mask (a causal chunk: every backend
+    applies the window); a branching tree keeps its mask."""
+    from streamgen.attention.triton_backend import TritonAttentionBackend
     from streamgen.runner.batch import ModelBatch, SequenceChunk
     from streamgen.runner.kv_cache import KVCacheConfig
     from streamgen.runner.model_runner import ModelRunner
@@ -97,7 +102,11 @@ def test_sliding_window_models_speculate_in_chains(tmp_path: Path) -> None:
     make_hf_checkpoint(tmp_path, tiny_hf_config("mistral", sliding_window=24))
     mistral = load_model(tmp_path, load_tokenizer=False)
     runner = ModelRunner(mistral, KVCacheConfig(num_blocks=4))
-    assert speculation_for(SpeculationConfig(branching=3), mistral).branching == 1
+    assert runner.backend.windowed_trees
+    assert speculation_for(SpeculationConfig(branching=3), mistral, runner.backend).branching == 3
+    triton = TritonAttentionBackend()
+    assert not triton.windowed_trees
+    assert speculation_for(SpeculationConfig(branching=3), mistral, triton).branching == 1
     assert make_drafter(SpeculationConfig(), mistral, runner).name == "ngram"
 
     def mask(tree: DraftTree) -> object:

@@ -51,7 +51,8 @@ class AttentionMetadata:
     # None: every chunk is causal. Otherwise row t (a new token of sequence b)
     # column j says whether t sees new token j of the same sequence (j indexes
     # b's own chunk; columns >= query_lens[b] are False). Causal chunks have a
-    # lower-triangular block here. Not combined with sliding_window.
+    # lower-triangular block here. With sliding_window (backends whose windowed_trees is
+    # True), a tree row's window counts back from its position, prefix + its depth.
     tree_mask: torch.Tensor | None = None  # [num_tokens, max_query_len] bool
 
     @property
@@ -78,6 +79,10 @@ class AttentionBackend(ABC):
     # is used only as an upper bound (a graph is planned for ``max_model_len``;
     # the kernels find each row's real length in ``seq_lens``).
     supports_cuda_graphs: bool = False
+    # True when a tree mask combines with a sliding window (the window counted from each
+    # node's depth, as a decode of its token would see it); speculation on a windowed
+    # model drafts chains on the others (spec/factory.py).
+    windowed_trees: bool = False
 
     def prepare(self, metadata: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called once per step before the first layer; build shared plans here."""

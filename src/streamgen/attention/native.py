@@ -14,9 +14,9 @@ kernel for them::
              `----- native, one call -----'  `-- reference --'
 
 Same semantics as the reference (bottom-right causal, sliding window, token
-trees); tests/attention/test_native_backend.py checks it against the reference.
-Steps the kernel has no path for (a non-CPU device, a dtype other than
-float32 / bfloat16, a tree mask with a sliding window) go to the reference whole.
+trees, a window over a tree from each node's depth); tests/attention/test_native_backend.py
+checks it against the reference. Steps the kernel has no path for (a non-CPU device, a
+dtype other than float32 / bfloat16 / float16) go to the reference whole.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class NativeAttentionBackend(AttentionBackend):
     """
 
     name = "native"
+    windowed_trees = True
 
     def __init__(
         self,
@@ -153,8 +154,6 @@ class NativeAttentionBackend(AttentionBackend):
         return struct
 
     def _make_plan(self, metadata: AttentionMetadata) -> _StepPlan | None:
-        if metadata.tree_mask is not None and metadata.sliding_window is not None:
-            return None  # the kernel does not combine the two: the reference does it all
         if metadata.slot_mapping.device.type != "cpu":
             return None
         lens = metadata.query_lens_list

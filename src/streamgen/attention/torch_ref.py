@@ -42,6 +42,7 @@ class TorchReferenceBackend(AttentionBackend):
     """Portable reference: correct everywhere, batched, and the oracle for faster kernels."""
 
     name = "torch"
+    windowed_trees = True
 
     def __init__(self) -> None:
         self._plan_for: AttentionMetadata | None = None

@@ -68,7 +68,7 @@ def build_core(
     check_capacity(runner.num_blocks, cfg.block_size, max_model_len)
     drafter, policy = None, None
     if cfg.speculation is not None:
-        speculation = speculation_for(cfg.speculation, loaded)  # windowed: chains
+        speculation = speculation_for(cfg.speculation, loaded, runner.backend)
         drafter = make_drafter(speculation, loaded, runner)
         policy = SpeculationPolicy(speculation)
     # Structured-output masks beside the forward only where it leaves CPUs idle: on a

@@ -12,8 +12,8 @@ The residual stream is float32 inside the call, also for bfloat16 weights,
 whose rows are widened in registers: the step reads each weight once, at
 memory speed. The attention backend is bypassed: the kernel writes K/V into
 the paged cache and attends over it like the torch reference, with the
-step's tree mask where it has one (a sliding window does not combine with a
-tree mask: such steps go to torch).
+step's tree mask where it has one (with a sliding window, a tree row's window
+counts back from its depth, as the torch reference's does).
 
 What differs between families reaches the kernel as data, not branches: a layer's
 norms by role (inputs: Llama; outputs: OLMo 2; both: Gemma 3), its window and which
@@ -84,7 +84,6 @@ class NativeDecoder:
         # of the step it shares (batch invariance: see exp_shifted in simd_f32.h).
         self.max_rows = None if qctx is not None else MAX_NATIVE_ROWS
         # The kernels take the model's window (the struct's), whatever a step says.
-        self.model_windowed = spec.sliding_window is not None or spec.local_window is not None
         self._layer_key: tuple[object, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None
 
@@ -112,11 +111,9 @@ class NativeDecoder:
         a quantized model) and its caches are contiguous CPU tensors the kernels read
         (float32, bfloat16 or float16)."""
         k_cache = kv_caches[0][0]
-        windowed = self.model_windowed or metadata.sliding_window is not None
         return (
             num_tokens > 0
             and (self.max_rows is None or num_tokens <= self.max_rows)
-            and (metadata.tree_mask is None or not windowed)
             and kv_dtype_code(k_cache.dtype) is not None
             and k_cache.device.type == "cpu"
             and k_cache.is_contiguous()

@@ -1,6 +1,6 @@
 /*
  * Paged attention over the KV cache, in place: decodes, prefill chunks and draft trees
- * of several sequences (bottom-right causal, optional sliding window, or a tree mask).
+ * of several sequences (bottom-right causal or a tree mask, either with a sliding window).
  *
  * sg_attend serves the dense and the quantized step (decode_kernels.c);
  * sg_paged_attention is the same attention on its own, for the torch path's larger steps
@@ -28,14 +28,28 @@
 /* Queries of one task: its pointer arrays live on the stack. */
 enum { PART_QUERIES = 128, MIN_PART_QUERIES = 8 };
 
-/* Whether row i of a chunk (prefix keys before it) sees the key at position k. */
+/* The depth of token j of a draft tree (the chunk's rows from chunk_row): its ancestors,
+ * itself included, less one. */
+static inline int64_t tree_depth(const sg_step *st, int64_t chunk_row, int64_t j, int64_t q_len) {
+    const uint8_t *mask = st->tree_mask + (chunk_row + j) * st->tree_stride;
+    int64_t seen = 0;
+    for (int64_t t = 0; t < q_len; t++) seen += mask[t] != 0;
+    return seen - 1;
+}
+
+/* Whether row i of a chunk of q_len tokens (prefix keys before it; row: its tree-mask
+ * row), at position pos, sees the key at slot k. A causal row's position is its slot
+ * (prefix + i); a tree row's is prefix + its depth, and so is its ancestors' (they sit at
+ * later slots than their positions, siblings between them): a window counts back from
+ * positions, as a decode of the row's token would see it. */
 static inline int visible(int64_t window, const sg_step *st, int64_t row, int64_t i,
-                          int64_t prefix, int64_t k) {
-    const int64_t pos = prefix + i;
-    if (window > 0 && k <= pos - window) return 0;
-    if (k < prefix) return 1;
+                          int64_t prefix, int64_t q_len, int64_t pos, int64_t k) {
+    if (k < prefix) return window <= 0 || k > pos - window;
     const int64_t j = k - prefix; /* a token of the chunk itself */
-    return st->tree_mask != NULL ? st->tree_mask[row * st->tree_stride + j] != 0 : j <= i;
+    if (st->tree_mask == NULL) return j <= i && (window <= 0 || k > pos - window);
+    if (!st->tree_mask[row * st->tree_stride + j]) return 0;
+    if (window <= 0 || pos - window < prefix) return 1; /* the window reaches past the tree */
+    return prefix + tree_depth(st, row - i, j, q_len) > pos - window;
 }
 
 /* One KV head's vectors of the count keys of a block (elements from off): the cache
@@ -231,9 +245,11 @@ static void attend_part(const attend_args *a, int64_t b, int64_t i0, int64_t kvh
                 }
         const int masked = key + count > hidden_from || key < win_end;
         for (int64_t j = 0; masked && j < nq; j++) {
-            const int64_t i = i0 + (j_lo + j) / group;
+            const int64_t i = i0 + (j_lo + j) / group, row = first + (j_lo + j) / group;
+            const int64_t pos = prefix + (st->tree_mask != NULL && a->window > 0
+                                              ? tree_depth(st, seq_first, i, seq_q_len) : i);
             for (int64_t k = 0; k < count; k++)
-                if (!visible(a->window, st, first + (j_lo + j) / group, i, prefix, key + k))
+                if (!visible(a->window, st, row, i, prefix, seq_q_len, pos, key + k))
                     scores[j * n + key + k] = -INFINITY;
         }
         key += count;

@@ -241,7 +241,8 @@ int sg_rms_norm(const float *x, const void *w, int32_t dtype, float *out, int64_
  *   query_start [num_seqs + 1] int64, seq_lens [num_seqs] int64 (context after the step),
  *   block_tables [num_seqs, bt_stride] int64
  *   tree_mask [m, tree_stride] uint8 or NULL: row r sees the j-th token of its own chunk
- *       (NULL: causal); the chunk's tokens sit at cache positions seq_len - q_len + j
+ *       (NULL: causal); the chunk's tokens sit at cache positions seq_len - q_len + j, and
+ *       a layer's window counts back from a tree row's depth (attention.c)
  *   final_norm: weight of the final norm; out [m, hidden] float32 = final_norm(x)
  * All weights in [out, in] layout (splits == 0).
  */
@@ -258,10 +259,8 @@ int sg_forward_layers(const sg_model *md, const sg_layer *layers, int64_t num_la
         for (int k = 0; k < 4; k++)
             if (lins[k]->splits != 0) return SG_EINVAL;
     }
-    for (int64_t l = 0; l < num_layers; l++) /* a tree mask does not combine with a window */
-        if ((layers[l].local_rope && (local_cos == NULL || local_sin == NULL)) ||
-            (tree_mask != NULL && layers[l].window > 0))
-            return SG_EINVAL;
+    for (int64_t l = 0; l < num_layers; l++)
+        if (layers[l].local_rope && (local_cos == NULL || local_sin == NULL)) return SG_EINVAL;
     const sg_step st = {cos_t, sin_t, slots, query_start, seq_lens, block_tables,
                         num_seqs, bt_stride, tree_mask, tree_stride, local_cos, local_sin};
     const int64_t Hd = md->hidden, I = md->intermediate, row = md->q_size + 2 * md->kv_size;

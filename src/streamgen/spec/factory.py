@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from streamgen.attention.backend import AttentionBackend
 from streamgen.checkpoint.loader import LoadedModel, load_model
 from streamgen.errors import ConfigError
 from streamgen.runner.kv_cache import KVCacheConfig, PagedKVCache
@@ -17,21 +18,27 @@ from streamgen.spec.ngram import NgramDrafter
 logger = logging.getLogger(__name__)
 
 
-def speculation_for(config: SpeculationConfig, target: LoadedModel) -> SpeculationConfig:
-    """``config`` as ``target`` can run it: a sliding-window model drafts chains
-    (``branching=1``). A chain's verify step is a causal chunk, whose rows sit at their
-    own positions, so every backend applies the window as for any chunk; a branching
-    tree's rows would need the window from each node's depth instead of its slot.
+def speculation_for(
+    config: SpeculationConfig, target: LoadedModel, backend: AttentionBackend | None = None
+) -> SpeculationConfig:
+    """``config`` as ``target`` can run it on ``backend`` (the runner's): a sliding-window
+    model drafts branching trees where the backend counts each node's window from its
+    depth (``AttentionBackend.windowed_trees``: the torch reference, the native kernels,
+    and so the CPU's fused steps), and chains (``branching=1``) elsewhere: a chain's
+    verify step is a causal chunk, whose rows sit at their own positions, so every
+    backend applies the window as for any chunk.
 
     Example:
-        >>> speculation_for(SpeculationConfig(branching=2), mistral).branching  # doctest: +SKIP
+        >>> config = speculation_for(SpeculationConfig(branching=2), gemma, gpu)  # doctest: +SKIP
+        >>> config.branching  # doctest: +SKIP
         1
     """
     spec = target.spec
-    if (spec.sliding_window is None and spec.local_window is None) or config.branching == 1:
+    windowed = spec.sliding_window is not None or spec.local_window is not None
+    if not windowed or config.branching == 1 or (backend is not None and backend.windowed_trees):
         return config
-    logger.info("sliding-window model: speculation drafts chains (branching %d -> 1)",
-                config.branching)  # fmt: skip
+    logger.info("sliding-window model on the %s backend: speculation drafts chains "
+                "(branching %d -> 1)", getattr(backend, "name", "?"), config.branching)  # fmt: skip
     return dataclasses.replace(config, branching=1)
 
 
@@ -45,14 +52,15 @@ def make_drafter(
 
     ``draft`` overrides loading ``config.draft_model`` (tests pass a model in).
 
-    A sliding-window target drafts chains (``speculation_for``).
+    A sliding-window target drafts chains where the runner's backend needs them
+    (``speculation_for``).
 
     Raises:
         ConfigError: the draft model's vocabulary differs from the target's, or
             ``self_layers`` is not below the target's layer count.
     """
     spec = target.spec
-    config = speculation_for(config, target)
+    config = speculation_for(config, target, runner.backend)
     if config.method == "ngram":
         return NgramDrafter(config.min_ngram, config.max_ngram, config.branching)
     # The draft forwards share the target's backend instance (they run between
