@@ -94,7 +94,7 @@ def llama_bench(gguf: Path, threads: int, prompt: int, gen: int, isa: str = "nat
 
 
 def llama_server_concurrent(
-    gguf: Path, threads: int, prompts: list[list[int]], isa: str = "native"
+    gguf: Path, threads: int, prompts: list[list[int]], isa: str = "native", repack: bool = True
 ) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +102,8 @@ def llama_server_concurrent(
     ctx = len(prompts) * (max(len(p) for p in prompts) + 128 + 16)
     server = subprocess.Popen(
         [str(tool("llama-server", isa)), "-m", str(gguf), "-t", str(threads),
-         "-np", str(len(prompts)), "-c", str(ctx), "--port", str(port), "--host", "127.0.0.1"],
+         "-np", str(len(prompts)), "-c", str(ctx), "--port", str(port), "--host", "127.0.0.1",
+         *(() if repack else ("--no-repack",))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -166,6 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(50, 450))]
                for _ in range(args.requests)]  # fmt: skip
     rows = []
+    peer_notes: set[str] = set()
     for threads in args.threads:
         samples: dict[tuple[str, str], list[float]] = {}
         # One engine per thread count, started once and warmed up (llama-bench warms up too).
@@ -179,7 +181,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             value = await _measure_streamgen(engine, work, prefill_prompt, prompts)
                         else:
                             value = await asyncio.to_thread(
-                                _measure_llama_cpp, work, gguf, threads, prompts, args.isa
+                                _measure_llama_cpp, work, gguf, threads, prompts, args.isa,
+                                peer_notes,
                             )
                         samples.setdefault((work, system), []).append(value)
                         print(f"threads={threads} rep={rep} {work} {system}: {value:.1f} tok/s",
@@ -203,7 +206,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "commit": git_commit(), "machine": machine(), "cpu_flags": simd_flags(),
         "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "repeats": args.repeats,
         "requests": args.requests, "rows": rows, "isa": args.isa,
-        **({"notes": notes} if (notes := _notes(args.isa)) else {}),
+        **({"notes": notes} if (notes := _notes(args.isa) + sorted(peer_notes)) else {}),
     }  # fmt: skip
 
 
@@ -234,14 +237,30 @@ async def _measure_streamgen(
     return await streamgen_concurrent(engine, prompts)
 
 
+# Said in the record when llama-server had to run without its repacked weights.
+NO_REPACK_NOTE = (
+    "llama-server crashed at start with its repacked weights (on an AMX Xeon: SIGSEGV in "
+    "ggml_backend_amx_mul_mat, while llama-bench ran them), so it ran with --no-repack: "
+    "ggml's plain CPU kernels, no AMX buffer."
+)
+
+
 def _measure_llama_cpp(
-    work: str, gguf: Path, threads: int, prompts: list[list[int]], isa: str
+    work: str, gguf: Path, threads: int, prompts: list[list[int]], isa: str, notes: set[str]
 ) -> float:
     if work == "decode":
         return llama_bench(gguf, threads, 0, 128, isa)
     if work == "prefill":
         return llama_bench(gguf, threads, 512, 0, isa)
-    return llama_server_concurrent(gguf, threads, prompts, isa)
+    if NO_REPACK_NOTE not in notes:
+        try:
+            return llama_server_concurrent(gguf, threads, prompts, isa)
+        except RuntimeError as exc:
+            if "signal" not in str(exc):
+                raise
+            print(f"llama-server: {exc}; retrying with --no-repack", file=sys.stderr)
+            notes.add(NO_REPACK_NOTE)
+    return llama_server_concurrent(gguf, threads, prompts, isa, repack=False)
 
 
 def render(record: dict[str, Any]) -> str:
