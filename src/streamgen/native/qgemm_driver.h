@@ -33,6 +33,34 @@ INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, flo
         g0 = g;
     }
 #endif
+#ifdef SG_UNPACKED_GROUPS
+    /* More rows than a tile, weights that need unpacking: each group unpacked once into
+     * u (the including file's block_half, unpack_group and unpacked_rows; the same bits),
+     * then every tile of rows reads it. */
+    const int64_t blocks = w->in_features / SG_QBLOCK;
+    block_half *u = a->m > ROW_TILE && f->bits != 8
+                        ? (block_half *)aligned_alloc(64, (size_t)(2 * blocks) * sizeof(block_half))
+                        : NULL;
+    if (u != NULL) {
+        for (int64_t g = g0; g < g1; g++) {
+            unpack_group(f, w->data + g * group_bytes, blocks, u);
+            for (int half = 0; half < 2; half++) {
+                const int64_t col0 = g * SG_GROUP_ROWS;
+                int64_t row = 0;
+                for (; row + ROW_TILE <= a->m; row += ROW_TILE)
+                    unpacked_rows(f, u, half, a, row, ROW_TILE, y, ldy, col0);
+                switch (a->m - row) {
+                case 3: unpacked_rows(f, u, half, a, row, 3, y, ldy, col0); break;
+                case 2: unpacked_rows(f, u, half, a, row, 2, y, ldy, col0); break;
+                case 1: unpacked_rows(f, u, half, a, row, 1, y, ldy, col0); break;
+                default: break;
+                }
+            }
+        }
+        free(u);
+        return;
+    }
+#endif
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *group = w->data + g * group_bytes;
         const int64_t col0 = g * SG_GROUP_ROWS;

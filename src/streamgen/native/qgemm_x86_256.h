@@ -10,12 +10,13 @@
  * The including file sets SG_X86_VNNI and its `#pragma GCC target`, and names the table.
  */
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qgemm_kernels.h"
 
 #define INLINE static inline __attribute__((always_inline))
-enum { ROW_TILE = SG_ROW_TILE };
+enum { ROW_TILE = 4 };
 
 INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int half, __m256i wq[8]) {
     const int64_t lane0 = 32 * half;
@@ -117,6 +118,61 @@ INLINE __m256 i8_to_ps(const uint8_t *p) {
 }
 INLINE __m256 f16_to_ps(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* One block-half's weights as the rows' dot products take them: the 8 unpacked quads
+ * and the scales and mins of its 8 outputs. */
+typedef struct {
+    __m256i wq[8];
+    __m256 sc0, sc1, mn;
+} block_half;
+
+INLINE void load_block_half(const sg_qformat *f, const uint8_t *tile, int b, int half, block_half *u) {
+    unpack_half(f, tile, b, half, u->wq);
+    const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
+    const uint8_t *mp = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
+    const float *sup = (const float *)(tile + sg_sup_offset(f)) + 8 * half;
+    u->sc1 = _mm256_setzero_ps(), u->mn = _mm256_setzero_ps();
+    if (f->scale_kind == SG_SCALE_F16) u->sc0 = f16_to_ps(sc + 16 * half);
+    else if (f->scale_kind == SG_SCALE_K_U8) u->sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), u8_to_ps(sc + 8 * half));
+    else {
+        u->sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 8 * half));
+        u->sc1 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 16 + 8 * half));
+    }
+    if (f->min_kind == SG_MIN_F16) u->mn = f16_to_ps(mp + 16 * half);
+    if (f->min_kind == SG_MIN_K) u->mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
+}
+
+/* acc += block blk of activation row `row` against one block-half's 8 outputs. */
+INLINE __m256 row_block(const sg_qformat *f, const block_half *u, const sg_qact *a, int64_t row,
+                        int64_t blk, __m256 acc) {
+    const int64_t in = a->in, at = row * (in / SG_QBLOCK) + blk;
+    const int zp = zero_point(f);
+    const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
+    const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
+    const __m256 da = _mm256_set1_ps(a->d[at]);
+    if (f->sub == 32) {
+        __m256i isum = dot_quads(f, u->wq, aq, 0, 8);
+        if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(u->sc0, da), acc);
+    } else {
+        const __m256i lo = _mm256_sub_epi32(dot_quads(f, u->wq, aq, 0, 4), _mm256_set1_epi32(zp * s16[0]));
+        const __m256i hi = _mm256_sub_epi32(dot_quads(f, u->wq, aq, 4, 4), _mm256_set1_epi32(zp * s16[1]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(u->sc0, da), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(u->sc1, da), acc);
+    }
+    if (f->min_kind != SG_MIN_NONE) acc = _mm256_fmadd_ps(u->mn, _mm256_set1_ps(a->ds[at]), acc);
+    return acc;
+}
+
+/* NR rows' 8 outputs stored from their accumulators (pairs: each pair is one row). */
+INLINE void store_rows(const sg_qact *a, const __m256 *acc, int64_t row0, const int NR, float *y,
+                       int64_t out, int64_t col) {
+    if (a->pairs) /* NR and row0 are even */
+        for (int r = 0; r + 1 < NR; r += 2)
+            _mm256_storeu_ps(y + (row0 + r) / 2 * out + col, _mm256_add_ps(acc[r], acc[r + 1]));
+    else
+        for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col, acc[r]);
+}
+
 /* y[row0 .. row0 + NR) for slices of 8 outputs: halves [half0, half0 + NH) of NG
  * consecutive row groups from group (group_bytes apart), NG NH NR float accumulators
  * (at most 8). Each output's arithmetic is the same whichever slices share a pass (they
@@ -124,9 +180,8 @@ INLINE __m256 f16_to_ps(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si1
 INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group_bytes,
                         const int NG, const int half0, const int NH, const sg_qact *a,
                         int64_t row0, const int NR, float *y, int64_t out, int64_t col0) {
-    const int64_t in = a->in, blocks = in / SG_QBLOCK, tb = f->blocks_per_tile;
+    const int64_t blocks = a->in / SG_QBLOCK, tb = f->blocks_per_tile;
     const int64_t tile_bytes = sg_tile_bytes(f);
-    const int zp = zero_point(f);
     __m256 accs[8];
     for (int i = 0; i < NG * NH * NR; i++) accs[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -134,53 +189,41 @@ INLINE void slices_rows(const sg_qformat *f, const uint8_t *group, int64_t group
         for (int gi = 0; gi < NG; gi++) sg_prefetch_ahead(group + gi * group_bytes, blk, tile_bytes / tb);
 #pragma GCC unroll 8
         for (int slice = 0; slice < NG * NH; slice++) {
-            const int half = half0 + slice % NH;
-            __m256 *acc = accs + slice * NR;
             const uint8_t *tile = group + (slice / NH) * group_bytes + (blk / tb) * tile_bytes;
-            const int b = (int)(blk % tb);
-            __m256i wq[8];
-            unpack_half(f, tile, b, half, wq);
-            const uint8_t *sc = tile + sg_sc_offset(f) + (int64_t)b * f->sc_bytes;
-            const uint8_t *mp = tile + sg_mn_offset(f) + (int64_t)b * f->mn_bytes;
-            const float *sup = (const float *)(tile + sg_sup_offset(f)) + 8 * half;
-            __m256 sc0, sc1 = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
-            if (f->scale_kind == SG_SCALE_F16) sc0 = f16_to_ps(sc + 16 * half);
-            else if (f->scale_kind == SG_SCALE_K_U8) sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), u8_to_ps(sc + 8 * half));
-            else {
-                sc0 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 8 * half));
-                sc1 = _mm256_mul_ps(_mm256_loadu_ps(sup), i8_to_ps(sc + 16 + 8 * half));
-            }
-            if (f->min_kind == SG_MIN_F16) mn = f16_to_ps(mp + 16 * half);
-            if (f->min_kind == SG_MIN_K) mn = _mm256_mul_ps(_mm256_loadu_ps(sup + 16), u8_to_ps(mp + 8 * half));
+            block_half u;
+            load_block_half(f, tile, (int)(blk % tb), half0 + slice % NH, &u);
 #pragma GCC unroll 8
-            for (int r = 0; r < NR; r++) {
-                const int64_t row = row0 + r, at = row * blocks + blk;
-                const int8_t *aq = a->q + row * in + blk * SG_QBLOCK;
-                const int32_t *s16 = a->s16 + row * (in / 16) + blk * 2;
-                const __m256 da = _mm256_set1_ps(a->d[at]);
-                if (f->sub == 32) {
-                    __m256i isum = dot_quads(f, wq, aq, 0, 8);
-                    if (zp) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(zp * (s16[0] + s16[1])));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc0, da), acc[r]);
-                } else {
-                    const __m256i lo = _mm256_sub_epi32(dot_quads(f, wq, aq, 0, 4), _mm256_set1_epi32(zp * s16[0]));
-                    const __m256i hi = _mm256_sub_epi32(dot_quads(f, wq, aq, 4, 4), _mm256_set1_epi32(zp * s16[1]));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc0, da), acc[r]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc1, da), acc[r]);
-                }
-                if (f->min_kind != SG_MIN_NONE) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->ds[at]), acc[r]);
-            }
+            for (int r = 0; r < NR; r++) accs[slice * NR + r] = row_block(f, &u, a, row0 + r, blk, accs[slice * NR + r]);
         }
     }
-    for (int slice = 0; slice < NG * NH; slice++) {
-        const __m256 *acc = accs + slice * NR;
-        const int64_t col = col0 + (slice / NH) * SG_GROUP_ROWS + 8 * (half0 + slice % NH);
-        if (a->pairs) /* NR and row0 are even: each pair is one output row */
-            for (int r = 0; r + 1 < NR; r += 2)
-                _mm256_storeu_ps(y + (row0 + r) / 2 * out + col, _mm256_add_ps(acc[r], acc[r + 1]));
-        else
-            for (int r = 0; r < NR; r++) _mm256_storeu_ps(y + (row0 + r) * out + col, acc[r]);
+    for (int slice = 0; slice < NG * NH; slice++)
+        store_rows(a, accs + slice * NR, row0, NR, y, out,
+                   col0 + (slice / NH) * SG_GROUP_ROWS + 8 * (half0 + slice % NH));
+}
+
+/* A row group unpacked once for all the row tiles of a step (more rows than a tile):
+ * every tile would otherwise unpack the group's blocks again, and the unpacking costs
+ * as much as the dot products at 4 rows. u: [blocks][2 halves]. */
+INLINE void unpack_group(const sg_qformat *f, const uint8_t *group, int64_t blocks, block_half *u) {
+    const int64_t tb = f->blocks_per_tile, tile_bytes = sg_tile_bytes(f);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        sg_prefetch_ahead(group, blk, tile_bytes / tb);
+        for (int half = 0; half < 2; half++)
+            load_block_half(f, group + (blk / tb) * tile_bytes, (int)(blk % tb), half, u + 2 * blk + half);
     }
+}
+
+/* Rows [row0, row0 + NR) of one half of an unpacked group: the same arithmetic as
+ * slices_rows, the weights read from u. */
+INLINE void unpacked_rows(const sg_qformat *f, const block_half *u, int half, const sg_qact *a,
+                          int64_t row0, const int NR, float *y, int64_t out, int64_t col0) {
+    const int64_t blocks = a->in / SG_QBLOCK;
+    __m256 acc[8];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++)
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; r++) acc[r] = row_block(f, u + 2 * blk + half, a, row0 + r, blk, acc[r]);
+    store_rows(a, acc, row0, NR, y, out, col0 + 8 * half);
 }
 
 /* NG consecutive row groups, both halves in one pass (the driver's decode hook): for a
@@ -206,6 +249,8 @@ INLINE void group_rows(const sg_qformat *f, const uint8_t *group, const sg_qact 
 
 /* Decodes (1 or 2 rows: a pair) take this many groups a pass (qgemm_driver.h). */
 #define SG_GROUPS_AT_ONCE 2
+/* Steps of more rows than a tile unpack each group once (unpack_group, unpacked_rows). */
+#define SG_UNPACKED_GROUPS 1
 
 #include "qgemm_driver.h"
 
