@@ -34,11 +34,11 @@ INLINE void gemm(const sg_qformat *f, const sg_qweight *w, const sg_qact *a, flo
     }
 #endif
 #ifdef SG_UNPACKED_GROUPS
-    /* More rows than a tile, weights that need unpacking: each group unpacked once into
+    /* More rows than a tile: each group unpacked once into
      * u (the including file's block_half, unpack_group and unpacked_rows; the same bits),
      * then every tile of rows reads it. */
     const int64_t blocks = w->in_features / SG_QBLOCK;
-    block_half *u = a->m > ROW_TILE && f->bits != 8
+    block_half *u = a->m > ROW_TILE
                         ? (block_half *)aligned_alloc(64, (size_t)(2 * blocks) * sizeof(block_half))
                         : NULL;
     if (u != NULL) {

@@ -20,9 +20,13 @@ enum { ROW_TILE = 4 };
 
 INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int half, __m256i wq[8]) {
     const int64_t lane0 = 32 * half;
-    if (f->bits == 8) {
-        for (int j = 0; j < 8; j++)
+    if (f->bits == 8) { /* AVX2: as q - 128, signed (dot_quads' sign trick) */
+        for (int j = 0; j < 8; j++) {
             wq[j] = _mm256_loadu_si256((const __m256i *)(tile + (int64_t)b * 512 + 64 * j + lane0));
+#if !SG_X86_VNNI
+            wq[j] = _mm256_xor_si256(wq[j], _mm256_set1_epi8((char)0x80));
+#endif
+        }
         return;
     }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
@@ -67,7 +71,8 @@ INLINE int quads_per_madd(const sg_qformat *f) { return f->bits == 4 ? 8 : f->bi
  * summed in int32, 8 rows:
  *   AVX-VNNI  one vpdpbusd chain;
  *   AVX2      vpmaddubsw per quad, int16 sums of quads_per_madd quads, vpmaddwd by 1;
- *             8-bit quants take the sign trick on q - 128, so their zero point is folded. */
+ *             8-bit quants take the sign trick on q - 128 (unpack_half subtracts the 128),
+ *             so their zero point is folded. */
 INLINE __m256i dot_quads(const sg_qformat *f, const __m256i *wq, const int8_t *aq, int j0, int n) {
 #if SG_X86_VNNI
     (void)f;
@@ -77,10 +82,9 @@ INLINE __m256i dot_quads(const sg_qformat *f, const __m256i *wq, const int8_t *a
 #else
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc = _mm256_setzero_si256();
-    if (f->bits == 8) {
-        const __m256i bias = _mm256_set1_epi8((char)0x80);
+    if (f->bits == 8) { /* wq: q - 128 (unpack_half) */
         for (int j = j0; j < j0 + n; j++) {
-            const __m256i s = _mm256_xor_si256(wq[j], bias), x = bcast4(aq + 4 * j);
+            const __m256i s = wq[j], x = bcast4(aq + 4 * j);
             const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(x, s));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
         }
