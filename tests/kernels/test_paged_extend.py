@@ -124,9 +124,16 @@ def test_only_selected_sequences_are_written(device: torch.device) -> None:
     assert error <= TOLERANCE[torch.float32]
 
 
-def test_rejects_tree_mask_with_sliding_window(device: torch.device) -> None:
-    with pytest.raises(ValueError, match="tree_mask"):
-        _run(device, torch.float32, 2, 2, sliding_window=4, tree_seqs={1})
+@pytest.mark.parametrize("window", [3, 20])
+def test_a_window_over_a_tree_counts_from_each_nodes_depth(
+    device: torch.device, window: int
+) -> None:
+    """Sequences 2 and 4 are trees (seq 4: 11 nodes over a 24-token prefix): a window
+    of 20 cuts into the prefix, one of 3 into the trees, each node's from its depth (the
+    reference's _visible, itself checked against the torch backend)."""
+    error = _run(device, torch.float32, 4, 2, sliding_window=window, tree_seqs={2, 4},
+                 query_tile=4)  # fmt: skip
+    assert error <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.gpu

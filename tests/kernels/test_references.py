@@ -92,6 +92,18 @@ def test_tree_reference_matches_torch_backend_decodes() -> None:
     assert (causal[tree_rows] - actual[tree_rows]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("sliding_window", [2, 5, 9])
+def test_windowed_tree_reference_matches_torch_backend(sliding_window: int) -> None:
+    """A window over a tree counts from each node's depth in both (the torch backend's
+    _apply_tree_mask, the reference's _visible): windows into the prefix and the trees."""
+    query, cache, metadata = _step(sliding_window=sliding_window, tree_seqs={1, 4})
+    expected = TorchReferenceBackend().attend(query, cache.k_cache, cache.v_cache, metadata, 0.3)
+    actual = _reference(query, cache, metadata, 0.3)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    unwindowed = _reference(query, cache, _step(tree_seqs={1, 4})[2], 0.3)
+    assert (unwindowed - actual).abs().max() > 1e-3  # the window changes the answer
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=str)
 def test_low_precision_reference_matches_torch_backend_on_dequantized_cache(
     cache_dtype: torch.dtype,

@@ -89,10 +89,10 @@ def test_sliding_window_models_branch_where_the_backend_counts_windows_from_dept
     tmp_path: Path,
 ) -> None:
     """A windowed model's drafts branch on the backends whose window over a tree counts
-    from each node's depth (the torch reference, the native kernels), and are chains on
-    the others, whose verify steps carry no tree mask (a causal chunk: every backend
-    applies the window); a branching tree keeps its mask."""
-    from streamgen.attention.triton_backend import TritonAttentionBackend
+    from each node's depth (the torch reference, native, Triton and so flash-attn), and
+    are chains on the others (flex), whose verify steps carry no tree mask (a causal
+    chunk: every backend applies the window); a branching tree keeps its mask."""
+    from streamgen.attention.flex import FlexAttentionBackend
     from streamgen.runner.batch import ModelBatch, SequenceChunk
     from streamgen.runner.kv_cache import KVCacheConfig
     from streamgen.runner.model_runner import ModelRunner
@@ -104,9 +104,9 @@ def test_sliding_window_models_branch_where_the_backend_counts_windows_from_dept
     runner = ModelRunner(mistral, KVCacheConfig(num_blocks=4))
     assert runner.backend.windowed_trees
     assert speculation_for(SpeculationConfig(branching=3), mistral, runner.backend).branching == 3
-    triton = TritonAttentionBackend()
-    assert not triton.windowed_trees
-    assert speculation_for(SpeculationConfig(branching=3), mistral, triton).branching == 1
+    assert not FlexAttentionBackend.windowed_trees  # its tree rows take the slot's window
+    flex = FlexAttentionBackend.__new__(FlexAttentionBackend)  # nothing compiled
+    assert speculation_for(SpeculationConfig(branching=3), mistral, flex).branching == 1
     assert make_drafter(SpeculationConfig(), mistral, runner).name == "ngram"
 
     def mask(tree: DraftTree) -> object:

@@ -59,6 +59,7 @@ class FlashAttnBackend(AttentionBackend):
     """
 
     name = "flash_attn"
+    windowed_trees = True
 
     def __init__(self) -> None:
         self._varlen, self._with_kvcache = _import_flash_attn()

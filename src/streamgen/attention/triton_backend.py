@@ -86,6 +86,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    windowed_trees = True
 
     def __init__(self, *, decode_partition_size: int = 512) -> None:
         self._decode_partition_size = decode_partition_size

@@ -9,6 +9,7 @@
     keys:   [0 ............ prefix) [prefix ........ seq_len)
              cached, always visible   the new tokens: causal (k <= prefix + i),
              (within the window)      or tree_mask[row of i, k - prefix]
+                                      (a window over a tree: from prefix + depth)
 
 A program takes ``BLOCK_QUERY`` consecutive new tokens of one sequence and
 every query head of one kv head: its ``BLOCK_QUERY * BLOCK_GROUP`` rows are
@@ -57,6 +58,7 @@ def _paged_extend_kernel(
     seq_lens_ptr,  # [num_seqs]
     seq_ids_ptr,  # [num_programs_0] sequences to compute (HAS_SEQ_IDS)
     tree_mask_ptr,  # [num_tokens, max_query_len] uint8 (HAS_TREE_MASK)
+    tree_depth_ptr,  # [num_tokens] int32, each tree token's depth (HAS_TREE_MASK, HAS_WINDOW)
     scale_log2,  # softmax scale * log2(e)
     softcap_log2,  # softcap * log2(e) with HAS_SOFTCAP: cap * tanh(s / cap) in exp2 units
     sliding_window,
@@ -106,6 +108,8 @@ def _paged_extend_kernel(
     row_ok = (token < query_len) & (group < QUERY_GROUP)
     token_row = query_start + token  # flat row of the batch
     query_pos = prefix_len + token
+    if HAS_TREE_MASK and HAS_WINDOW:  # a tree row sits at prefix + its depth, not its slot
+        query_pos = prefix_len + tl.load(tree_depth_ptr + token_row, mask=row_ok, other=0)
     dims = tl.arange(0, BLOCK_DIM)
     dim_ok = dims < HEAD_DIM
     row_dim_ok = row_ok[:, None] & dim_ok[None, :]
@@ -129,7 +133,10 @@ def _paged_extend_kernel(
     key_end = tl.where(first_token < query_len, key_end, 0)
     key_start = 0
     if HAS_WINDOW:
-        key_start = tl.maximum(prefix_len + first_token - sliding_window + 1, 0)
+        if HAS_TREE_MASK:  # rows at prefix + depth >= prefix
+            key_start = tl.maximum(prefix_len - sliding_window + 1, 0)
+        else:
+            key_start = tl.maximum(prefix_len + first_token - sliding_window + 1, 0)
     key_start = tl.minimum(key_start, key_end)
 
     # Rows may see nothing in a tile (tree, window edge): the finite start keeps them NaN-free.
@@ -162,7 +169,16 @@ def _paged_extend_kernel(
         else:
             visible = visible & (positions[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
-            visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
+            key_pos = positions
+            if HAS_TREE_MASK:  # the tree's own keys sit at prefix + their depths
+                own = positions >= prefix_len
+                key_depth = tl.load(
+                    tree_depth_ptr + query_start + (positions - prefix_len),
+                    mask=valid & own,
+                    other=0,
+                )
+                key_pos = tl.where(own, prefix_len + key_depth, positions)
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
         scores = scores * scale_log2
         if HAS_SOFTCAP:  # on the scaled scores, before the mask (cap in log2(e) units too)
             scores = soft_cap(scores, softcap_log2)
@@ -236,8 +252,6 @@ def paged_extend_attention(
     """
     group = check_query(query, k_cache)
     k_scale, v_scale = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
-    if tree_mask is not None and sliding_window is not None:
-        raise ValueError("tree_mask is not combined with sliding_window")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1; got {sliding_window}")
     if softcap is not None and not softcap > 0:
@@ -256,6 +270,7 @@ def paged_extend_attention(
     # GPU: about `tile` rows (tokens x heads) per program; interpreter: 16 tokens, few programs.
     block_query = query_tile or (max(1, tile // block_group) if device.type == "cuda" else 16)
     block_query = max(triton.next_power_of_2(block_query), min_dot_size(device) // block_group)
+    depths = seq_lens  # placeholder pointer, read only for a window over a tree
     if tree_mask is None:
         mask_bytes, mask_stride = query, 0  # placeholder pointer, never read
     else:
@@ -263,6 +278,8 @@ def paged_extend_attention(
             raise ValueError(f"tree_mask must be bool [{num_tokens}, max_query_len]")
         mask_bytes = tree_mask.view(torch.uint8)
         mask_stride = mask_bytes.stride(0)
+        if sliding_window is not None:  # a node's depth: its ancestors, less one
+            depths = (tree_mask.sum(-1, dtype=torch.int32) - 1).contiguous()
     operand_dtype = dot_dtype(k_cache.dtype, device)
     grid = (num_seqs, num_kv_heads, math.ceil(max_query_len / block_query))
     _paged_extend_kernel[grid](
@@ -277,6 +294,7 @@ def paged_extend_attention(
         seq_lens,
         seq_lens if seq_ids is None else seq_ids,
         mask_bytes,
+        depths,
         scale * math.log2(math.e),
         (softcap or 0.0) * math.log2(math.e),
         sliding_window or 0,

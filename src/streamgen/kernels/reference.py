@@ -10,6 +10,8 @@ Visibility of key position ``k`` for new token ``i`` of a sequence with
     causal:  k <= prefix + i                      (bottom-right aligned)
     window:  and k > prefix + i - sliding_window
     tree:    k < prefix, or tree_mask[row of i, k - prefix]
+    window over a tree: positions are prefix + depth (a node's ancestors, less one),
+             for the row and for its ancestors among the keys
 """
 
 from __future__ import annotations
@@ -94,8 +96,6 @@ def paged_attention_reference(
     >>> out.shape
     torch.Size([3, 2, 8])
     """
-    if tree_mask is not None and sliding_window is not None:
-        raise ValueError("tree_mask is not combined with sliding_window")
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = query.shape[1] // num_kv_heads
     output = torch.empty_like(query)
@@ -167,9 +167,16 @@ def _visible(
     query_pos = prefix + torch.arange(query_len)[:, None]
     key_pos = torch.arange(seq_len)[None, :]
     if tree_rows is not None:
+        rows = tree_rows.cpu()
         own = torch.zeros(query_len, seq_len, dtype=torch.bool)
-        own[:, prefix:] = tree_rows.cpu()
-        return ((key_pos < prefix) | own).to(tree_rows.device)
+        own[:, prefix:] = rows
+        visible = (key_pos < prefix) | own
+        if sliding_window is not None:  # positions: prefix + depth, the rows' and the keys'
+            depth = rows.sum(-1) - 1  # [query_len]
+            query_pos = prefix + depth[:, None]
+            key_pos = torch.cat([torch.arange(prefix), prefix + depth])[None, :]
+            visible &= key_pos > query_pos - sliding_window
+        return visible.to(tree_rows.device)
     visible = key_pos <= query_pos
     if sliding_window is not None:
         visible &= key_pos > query_pos - sliding_window
