@@ -83,7 +83,6 @@ class NativeDecoder:
         # torch at prefill sizes too, and one code path makes a row's result independent
         # of the step it shares (batch invariance: see exp_shifted in simd_f32.h).
         self.max_rows = None if qctx is not None else MAX_NATIVE_ROWS
-        # The kernels take the model's window (the struct's), whatever a step says.
         self._layer_key: tuple[object, ...] = ()
         self._layer_array: ctypes.Array[NativeLayer] | None = None
 

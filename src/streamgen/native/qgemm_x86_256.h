@@ -16,7 +16,7 @@
 #include "qgemm_kernels.h"
 
 #define INLINE static inline __attribute__((always_inline))
-enum { ROW_TILE = 4 };
+enum { ROW_TILE = SG_ROW_TILE };
 
 INLINE void unpack_half(const sg_qformat *f, const uint8_t *tile, int b, int half, __m256i wq[8]) {
     const int64_t lane0 = 32 * half;

@@ -19,15 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 def speculation_for(
-    config: SpeculationConfig, target: LoadedModel, backend: AttentionBackend | None = None
+    config: SpeculationConfig, target: LoadedModel, backend: AttentionBackend
 ) -> SpeculationConfig:
-    """``config`` as ``target`` can run it on ``backend`` (the runner's): a sliding-window
+    """``config`` as ``target`` can run it on ``backend`` (the runner's). A sliding-window
     model drafts branching trees where the backend counts each node's window from its
     depth (``AttentionBackend.windowed_trees``: the torch reference, the native kernels
     and so the CPU's fused steps, Triton and so flash-attn), and chains (``branching=1``)
-    elsewhere (flex): a chain's
-    verify step is a causal chunk, whose rows sit at their own positions, so every
-    backend applies the window as for any chunk.
+    elsewhere (flex): a chain's verify step is a causal chunk, whose rows sit at their
+    own positions, so every backend applies the window as for any chunk.
 
     Example:
         >>> config = speculation_for(SpeculationConfig(branching=2), gemma, flex)  # doctest: +SKIP
@@ -36,10 +35,10 @@ def speculation_for(
     """
     spec = target.spec
     windowed = spec.sliding_window is not None or spec.local_window is not None
-    if not windowed or config.branching == 1 or (backend is not None and backend.windowed_trees):
+    if not windowed or config.branching == 1 or backend.windowed_trees:
         return config
     logger.info("sliding-window model on the %s backend: speculation drafts chains "
-                "(branching %d -> 1)", getattr(backend, "name", "?"), config.branching)  # fmt: skip
+                "(branching %d -> 1)", backend.name, config.branching)  # fmt: skip
     return dataclasses.replace(config, branching=1)
 
 
