@@ -101,6 +101,23 @@ def test_causal_chunks_and_sliding_window_match_reference(flex: FlexAttentionBac
 
 
 @needs_flex
+def test_windowed_trees_count_the_window_from_each_nodes_depth(
+    flex: FlexAttentionBackend,
+) -> None:
+    """A window over a tree counts back from the node's position, prefix + its depth,
+    over the prefix and the node's ancestors at their depths (the reference's rule):
+    windows that cut into the prefix (20) and into the trees themselves (2, 3). The
+    16-node tree's nodes sit up to 15 slots past the prefix at depths of a few, so a
+    window counted from the slots would hide most of their ancestors."""
+    for seed, window in ((12, 20), (13, 3), (14, 2)):
+        step = make_step(
+            MIXED_SEQ_LENS, MIXED_QUERY_LENS, seed=seed, sliding_window=window,
+            tree_seqs=frozenset({5, 7}),
+        )  # fmt: skip
+        assert max_error(flex, step) < 1e-5, window
+
+
+@needs_flex
 def test_default_routing_sends_long_chunks_to_the_reference(flex: FlexAttentionBackend) -> None:
     hybrid = FlexAttentionBackend()  # decodes by flex (same compiled call), chunks by torch
     step = make_step(MIXED_SEQ_LENS, MIXED_QUERY_LENS, seed=3, tree_seqs=frozenset({7}))

@@ -89,10 +89,11 @@ def test_sliding_window_models_branch_where_the_backend_counts_windows_from_dept
     tmp_path: Path,
 ) -> None:
     """A windowed model's drafts branch on the backends whose window over a tree counts
-    from each node's depth (the torch reference, native, Triton and so flash-attn), and
-    are chains on the others (flex), whose verify steps carry no tree mask (a causal
+    from each node's depth (every built-in one), and are chains on a backend that does
+    not say so (a third party's), whose verify steps carry no tree mask (a causal
     chunk: every backend applies the window); a branching tree keeps its mask."""
     from streamgen.attention.flex import FlexAttentionBackend
+    from streamgen.attention.torch_ref import TorchReferenceBackend
     from streamgen.runner.batch import ModelBatch, SequenceChunk
     from streamgen.runner.kv_cache import KVCacheConfig
     from streamgen.runner.model_runner import ModelRunner
@@ -104,9 +105,14 @@ def test_sliding_window_models_branch_where_the_backend_counts_windows_from_dept
     runner = ModelRunner(mistral, KVCacheConfig(num_blocks=4))
     assert runner.backend.windowed_trees
     assert speculation_for(SpeculationConfig(branching=3), mistral, runner.backend).branching == 3
-    assert not FlexAttentionBackend.windowed_trees  # its tree rows take the slot's window
     flex = FlexAttentionBackend.__new__(FlexAttentionBackend)  # nothing compiled
-    assert speculation_for(SpeculationConfig(branching=3), mistral, flex).branching == 1
+    assert speculation_for(SpeculationConfig(branching=3), mistral, flex).branching == 3
+
+    class SlotWindowBackend(TorchReferenceBackend):  # windows trees from the rows' slots
+        windowed_trees = False
+
+    slots = SlotWindowBackend()
+    assert speculation_for(SpeculationConfig(branching=3), mistral, slots).branching == 1
     assert make_drafter(SpeculationConfig(), mistral, runner).name == "ngram"
 
     def mask(tree: DraftTree) -> object:

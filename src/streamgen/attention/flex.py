@@ -140,6 +140,7 @@ class FlexAttentionBackend(AttentionBackend):
     """
 
     name = "flex"
+    windowed_trees = True
 
     def __init__(
         self,
@@ -283,7 +284,9 @@ class FlexAttentionBackend(AttentionBackend):
             plan.window,
             extend.row_last,
             extend.row_prefix,
+            extend.row_pos,
             extend.tree_rows,
+            extend.tree_depths,
         )
         out = out.view(num_kv_heads, -1, group, head_dim).transpose(0, 1)  # [rows, kv_h, g, d]
         picked = out.reshape(-1, num_heads, head_dim).index_select(0, extend.packed_valid)

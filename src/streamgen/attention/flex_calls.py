@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -70,15 +71,20 @@ def extend_call(block_size: int, scale: float, q_tile: int, group: int) -> Calla
         window: Tensor,  # [1] int64
         row_last: Tensor,  # [capacity >= packed_rows] int64
         row_prefix: Tensor,  # [capacity] int64
+        row_pos: Tensor,  # [capacity] int64
         tree_rows: Tensor,  # [capacity, tree_capacity] bool
+        tree_depths: Tensor,  # [capacity, tree_capacity] int64
     ) -> Tensor:  # [1, kv_heads, packed_rows * group, head_dim]
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             row = q_idx // group
             logical = block_to_logical[kv_idx // block_size]
             kv_pos = logical * block_size + kv_idx % block_size
             last, prefix = row_last[row], row_prefix[row]
-            own = tree_rows[row, (kv_pos - prefix).clamp(0, tree_rows.shape[1] - 1)]
-            visible = (logical >= 0) & (kv_pos <= last) & (kv_pos > last - window[0])
+            node = (kv_pos - prefix).clamp(0, tree_rows.shape[1] - 1)
+            own = tree_rows[row, node]
+            # the window's positions: a tree's own keys at prefix + their depth
+            key_pos = torch.where(kv_pos < prefix, kv_pos, prefix + tree_depths[row, node])
+            visible = (logical >= 0) & (kv_pos <= last) & (key_pos > row_pos[row] - window[0])
             return visible & ((kv_pos < prefix) | own)
 
         mask = BlockMask.from_kv_blocks(

@@ -73,10 +73,15 @@ class ExtendPlan:
     output_rows: torch.Tensor  # [extend_tokens] int64, flat rows those tokens go to
     pages: PageLists  # one tile per q_tile packed rows
     # Row i sees key position k iff k <= row_last[i] and (k < row_prefix[i] or
-    # tree_rows[i, k - row_prefix[i]]). Causal rows: row_prefix = row_last + 1.
+    # tree_rows[i, k - row_prefix[i]]), and the key is inside the window that counts
+    # back from row_pos[i]. Causal rows: row_prefix = row_last + 1 and row_pos = row_last.
+    # A tree row's window counts from prefix + its depth, and its own key j sits at
+    # prefix + tree_depths[i, j] (what a decode of its token would see).
     row_last: torch.Tensor  # [capacity] int64
     row_prefix: torch.Tensor  # [capacity] int64
+    row_pos: torch.Tensor  # [capacity] int64
     tree_rows: torch.Tensor  # [capacity, tree_capacity] bool, all False without a tree
+    tree_depths: torch.Tensor  # [capacity, tree_capacity] int64, depths of the chunk's nodes
 
 
 class PageListArena:
@@ -247,18 +252,23 @@ def plan_extends(
     tile_last = torch.minimum(tile_first + q_tile - 1, s_lens[tile_seq] - 1)
     row_last = torch.minimum(prefix[row_seq] + offset, s_lens[row_seq] - 1)
     row_prefix = row_last + 1
+    row_pos = row_last
     is_tree = _tree_chunks(metadata, seqs, starts)  # [extends] bool
     if bool(is_tree.any()):
-        # Tree rows see the whole prefix and, as the tree says, their chunk's new tokens.
+        # Tree rows see the whole prefix and, as the tree says, their chunk's new tokens;
+        # the window counts from each node's depth (the page lists stay a superset: a
+        # node's position prefix + depth is in [prefix, s_len - 1]).
         tile_tree, row_tree = is_tree[tile_seq], is_tree[row_seq]
         tile_first = torch.where(tile_tree, prefix[tile_seq] - 1, tile_first)
         tile_last = torch.where(tile_tree, s_lens[tile_seq] - 1, tile_last)
         row_last = torch.where(row_tree, s_lens[row_seq] - 1, row_last)
         row_prefix = torch.where(row_tree, prefix[row_seq], row_prefix)
+        depths = _token_depths(metadata)  # [num_tokens]
+        row_pos = torch.where(row_tree, prefix[row_seq] + depths[rows], row_pos)
         tree_width = int(q_lens[is_tree].max())
         valid_tree = valid & row_tree
     else:
-        tree_width, valid_tree = 0, torch.zeros_like(valid)
+        tree_width, valid_tree, depths = 0, torch.zeros_like(valid), None
 
     # At least two tiles: a dimension of size 1 would be specialised by the compiler.
     extra = max(0, 2 - num_tiles)
@@ -285,7 +295,11 @@ def plan_extends(
         pages=pages,
         row_last=_padded(row_last, row_capacity, -1).to(device),
         row_prefix=_padded(row_prefix, row_capacity, 0).to(device),
+        row_pos=_padded(row_pos, row_capacity, -1).to(device),
         tree_rows=_tree_rows(metadata, rows[: len(valid)], valid_tree, tree_width, row_capacity),
+        tree_depths=_tree_depths(
+            depths, first_row[row_seq], q_lens[row_seq], valid_tree, tree_width, row_capacity
+        ).to(device),
     )
 
 
@@ -317,6 +331,31 @@ def _tree_rows(
     if metadata.tree_mask is not None and tree_width:
         picked = metadata.tree_mask[rows.to(device), :tree_width]  # [packed_rows, tree_width]
         out[: len(rows), :tree_width] = picked & valid_tree[:, None].to(device)
+    return out
+
+
+def _token_depths(metadata: AttentionMetadata) -> torch.Tensor:  # [num_tokens] int64
+    """Each new token's depth in its chunk's tree (its ancestors: the mask row's count
+    less itself; a causal chunk's token i has depth i)."""
+    assert metadata.tree_mask is not None
+    return metadata.tree_mask.sum(-1).cpu() - 1
+
+
+def _tree_depths(
+    depths: torch.Tensor | None,  # [num_tokens] int64, or None without a tree
+    first: torch.Tensor,  # [packed_rows] int64, flat row of each packed row's chunk start
+    q_lens: torch.Tensor,  # [packed_rows] int64, that chunk's length
+    valid_tree: torch.Tensor,  # [packed_rows] bool, rows of tree chunks
+    tree_width: int,
+    row_capacity: int,
+) -> torch.Tensor:  # [row_capacity, tree_capacity] int64
+    """Row i's column j: the depth of node j of row i's chunk (tree rows; else 0)."""
+    out = torch.zeros(row_capacity, capacity(tree_width, 32), dtype=torch.int64)
+    if depths is not None and tree_width:
+        j = torch.arange(tree_width)
+        node = (first[:, None] + j).clamp(max=len(depths) - 1)  # [packed_rows, tree_width]
+        inside = valid_tree[:, None] & (j < q_lens[:, None])
+        out[: len(first), :tree_width] = torch.where(inside, depths[node], 0)
     return out
 
 

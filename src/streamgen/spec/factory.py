@@ -23,13 +23,13 @@ def speculation_for(
 ) -> SpeculationConfig:
     """``config`` as ``target`` can run it on ``backend`` (the runner's). A sliding-window
     model drafts branching trees where the backend counts each node's window from its
-    depth (``AttentionBackend.windowed_trees``: the torch reference, the native kernels
-    and so the CPU's fused steps, Triton and so flash-attn), and chains (``branching=1``)
-    elsewhere (flex): a chain's verify step is a causal chunk, whose rows sit at their
-    own positions, so every backend applies the window as for any chunk.
+    depth (``AttentionBackend.windowed_trees``: every built-in backend), and chains
+    (``branching=1``) on one that does not say so (a third party's): a chain's verify
+    step is a causal chunk, whose rows sit at their own positions, so every backend
+    applies the window as for any chunk.
 
     Example:
-        >>> config = speculation_for(SpeculationConfig(branching=2), gemma, flex)  # doctest: +SKIP
+        >>> config = speculation_for(SpeculationConfig(branching=2), gemma, other)  # doctest: +SKIP
         >>> config.branching  # doctest: +SKIP
         1
     """
